@@ -1,0 +1,294 @@
+"""Experiment configuration: a defaults YAML that doubles as the schema, overridden in layers.
+
+    defaults.yaml  <-  --config my.yaml  <-  --set a.b=1 --set c=[1,2]  <-  experiment flags (e.g. --epochs 3)
+
+Every layer is validated against the defaults: an unknown key or a value of the wrong type is a `ConfigError` that
+names its source (file path, "--set" or the flag) and says what was expected, so a typo never silently does nothing.
+
+Type rules (the default value decides): None accepts anything; bool only bool; int only int (not bool); float int or
+float (stored as float); str only str; list any list; dict a mapping, merged key by key.
+
+Open mappings. Some mappings have user-chosen keys (e.g. `loss.terms`, keyed by loss name). A default that is an
+empty mapping `{}`, or a mapping containing `_open: true`, accepts any keys and values without checks; overrides
+are still deep-merged into it. The `_open` marker itself never appears in a resolved config:
+
+    loss:
+      terms: {_open: true, ce: 1.0}     # --set loss.terms.kd=0.5  ->  terms: {ce: 1.0, kd: 0.5}
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+OPEN_KEY = "_open"
+
+
+class UserError(Exception):
+    """An error caused by user input (config, flags, files). `common.run.cli` prints it as one line, exit code 2."""
+
+
+class ConfigError(UserError):
+    """Bad configuration: unknown key, wrong type, unparsable override, unavailable device."""
+
+
+class DataError(UserError):
+    """A dataset or checkpoint file is missing or malformed."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# YAML files
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    """Read a YAML mapping. An empty file reads as {}."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({_short_yaml_reason(e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _short_yaml_reason(e: yaml.YAMLError) -> str:
+    # PyYAML messages span several lines (context, snippet); keep the problem and its line:column.
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
+def save_yaml(cfg: dict, path: str | os.PathLike) -> None:
+    """Write `cfg` as YAML atomically (temp file in the same directory, then os.replace), keeping key order."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validated deep merge
+
+def _is_open(schema: dict) -> bool:
+    return not schema or schema.get(OPEN_KEY) is True
+
+
+def _strip_open(d: Any) -> Any:
+    """Deep copy of `d` without the `_open` markers."""
+    if isinstance(d, dict):
+        return {k: _strip_open(v) for k, v in d.items() if k != OPEN_KEY}
+    return copy.deepcopy(d)
+
+
+def _deep_update(base: dict, override: dict) -> dict:
+    """Unchecked deep merge, used inside open mappings."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+_TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "str", list: "list", dict: "a mapping"}
+
+
+def _check_type(default: Any, value: Any, key: str, source: str) -> Any:
+    """Return `value` (int promoted to float where the default is a float) or raise ConfigError."""
+    if default is None:
+        return copy.deepcopy(value)
+    kind = type(default)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            value = float(value)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise ConfigError(f"{source}: key '{key}' expects {_TYPE_NAMES.get(kind, kind.__name__)}, got {value!r}")
+    return copy.deepcopy(value)
+
+
+def _apply(schema: dict, base: dict, override: dict, source: str, prefix: str = "") -> dict:
+    """Merge `override` into `base` (the current values), validating its keys and types against `schema`."""
+    if _is_open(schema):
+        return _deep_update(base, override)
+    out = dict(base)
+    for k, v in override.items():
+        key = f"{prefix}{k}"
+        if k not in schema or k == OPEN_KEY:
+            valid = ", ".join(str(s) for s in schema if s != OPEN_KEY)
+            where = f"valid keys under '{prefix[:-1]}'" if prefix else "valid top-level keys"
+            raise ConfigError(f"{source}: unknown key '{key}'; {where}: {valid}")
+        default = schema[k]
+        if isinstance(default, dict):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{source}: key '{key}' expects a mapping, got {v!r}")
+            out[k] = _apply(default, base.get(k) or {}, v, source, prefix=f"{key}.")
+        else:
+            out[k] = _check_type(default, v, key, source)
+    return out
+
+
+def merge(defaults: dict, override: dict, source: str) -> dict:
+    """New dict: `override` deep-merged over `defaults`, which define the allowed keys and types (module docstring).
+
+    `source` names where `override` came from, for error messages. Inputs are not modified.
+    """
+    return _apply(defaults, _strip_open(defaults), override, source)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dotted keys and --set
+
+def _split_key(key: str, what: str) -> list[str]:
+    parts = key.split(".")
+    if not key or any(not p.strip() for p in parts):
+        raise ConfigError(f"{what}: malformed key {key!r} (expected dotted names like 'optim.lr')")
+    return [p.strip() for p in parts]
+
+
+def _nest(parts: list[str], value: Any) -> dict:
+    """['a', 'b'], 1 -> {'a': {'b': 1}}"""
+    out: Any = value
+    for p in reversed(parts):
+        out = {p: out}
+    return out
+
+
+def parse_set(items: list[str]) -> dict:
+    """["a.b=3", "c=[1, 2]"] -> {"a": {"b": 3}, "c": [1, 2]}. Values are parsed as YAML; unparsable ones stay text."""
+    out: dict = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set: malformed item {item!r} (expected KEY=VALUE, e.g. optim.lr=0.1)")
+        parts = _split_key(key.strip(), f"--set {item!r}")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw  # e.g. "name=[draft" -- not YAML, so take the text as typed
+        node = out
+        for i, p in enumerate(parts[:-1]):
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                prefix = ".".join(parts[:i + 1])
+                raise ConfigError(f"--set: item {item!r} conflicts with an earlier value for '{prefix}'")
+        leaf = parts[-1]
+        # A later item wins, except that two mappings for the same key merge (a={x: 1} then a.y=2).
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            value = _deep_update(node[leaf], value)
+        node[leaf] = value
+    return out
+
+
+def _walk(cfg: dict, parts: list[str], key: str) -> dict:
+    """The mapping that holds the last component of `key`."""
+    node = cfg
+    for i, p in enumerate(parts[:-1]):
+        if not isinstance(node, dict) or p not in node:
+            _missing(node, parts[:i + 1])
+        node = node[p]
+    if not isinstance(node, dict):
+        raise ConfigError(f"config key '{'.'.join(parts[:-1])}' is not a mapping, cannot hold '{key}'")
+    return node
+
+
+def _missing(node: Any, parts: list[str]):
+    parent = ".".join(parts[:-1])
+    valid = ", ".join(map(str, node)) if isinstance(node, dict) else "(not a mapping)"
+    where = f"valid keys under '{parent}'" if parent else "valid top-level keys"
+    raise ConfigError(f"unknown config key '{'.'.join(parts)}'; {where}: {valid}")
+
+
+def get(cfg: dict, key: str) -> Any:
+    """cfg["a"]["b"] for key "a.b"."""
+    parts = _split_key(key, "config")
+    node = _walk(cfg, parts, key)
+    if parts[-1] not in node:
+        _missing(node, parts)
+    return node[parts[-1]]
+
+
+def set_value(cfg: dict, key: str, value: Any, *, create: bool = False) -> None:
+    """cfg["a"]["b"] = value for key "a.b", in place, unvalidated. The key must exist unless `create`."""
+    parts = _split_key(key, "config")
+    node = _walk(cfg, parts, key)
+    if parts[-1] not in node and not create:
+        _missing(node, parts)
+    node[parts[-1]] = value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """The flags every experiment shares; experiments add their own shortcuts and pass them to `resolve` as flags."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", metavar="PATH", help="YAML file merged over the experiment's defaults")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                   help="override one config key, e.g. --set optim.lr=0.01 (repeatable, applied after --config)")
+    p.add_argument("--out", metavar="DIR", default="runs", help="where the run directory is created (default: runs)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    return p
+
+
+def resolve(defaults_path: str | os.PathLike, args: argparse.Namespace, flags: dict[str, str] | None = None) -> dict:
+    """The run's config: defaults <- --config <- --set <- flags.
+
+    flags: argparse dest -> dotted config key, e.g. {"epochs": "train.epochs"}; a flag left at None is not applied.
+    """
+    defaults = load_yaml(defaults_path)
+    cfg = _strip_open(defaults)
+    if getattr(args, "config", None):
+        cfg = _apply(defaults, cfg, load_yaml(args.config), str(args.config))
+    cfg = _apply(defaults, cfg, parse_set(getattr(args, "set", None) or []), "--set")
+    for dest, key in (flags or {}).items():
+        value = getattr(args, dest)
+        if value is not None:
+            flag = "--" + dest.replace("_", "-")
+            cfg = _apply(defaults, cfg, _nest(_split_key(key, flag), value), flag)
+    return cfg
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda if available else cpu; "cpu"; "cuda" / "cuda:N" (must be available)."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name} requested but CUDA is not available")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise ConfigError(f"--device {name} requested but only {n} CUDA device(s) are visible")
+        return dev
+    raise ConfigError(f"--device expects auto, cpu, cuda or cuda:N, got {name!r}")

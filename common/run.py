@@ -1,0 +1,350 @@
+"""Run bookkeeping: seeding, crash-safe file writes, checkpoints, the run directory, and the CLI entry wrapper.
+
+A run directory holds everything one invocation produced and is never reused:
+
+    <out>/<name>_<YYYYmmdd-HHMMSS>[_N]/
+        checkpoint/     model / training-state files (atomic writes)
+        code/           copy of the experiment's .py/.yaml/.yml/.sh files, as they were when the run started
+        log/            console.log (everything logged), config.yaml (the resolved config)
+        events.out.tfevents.*, summary.json, *.csv
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import pickle
+import random
+import shutil
+import sys
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from common.config import DataError, UserError, save_yaml
+from common.ddp import unwrap
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch (CPU and every GPU). deterministic=True also asks torch for deterministic
+    kernels (warning, not failing, where none exists) at some speed cost."""
+    # PYTHONHASHSEED only affects interpreters started after this point (e.g. DataLoader workers under spawn).
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; must be set before the first cuBLAS call.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Atomic writes: write a temp file next to the target, fsync, os.replace. A crash (or a full disk) mid-write leaves
+# the previous file intact instead of a truncated one, which matters most for the checkpoint a resume depends on.
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save(obj, path), atomically."""
+    return _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return _atomic_write(path, lambda f: f.write(text), "w")
+
+
+def to_python(x: Any) -> Any:
+    """numpy / torch scalars and arrays, Paths -> plain Python values, for JSON and CSV."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        return x.item() if x.numel() == 1 and x.dim() == 0 else x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def _json_default(x: Any) -> Any:
+    out = to_python(x)
+    if out is x:
+        raise TypeError(f"object of type {type(x).__name__} is not JSON serializable")
+    return out
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """JSON with indent 2; numpy / torch values become plain numbers and lists."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """torch.load with one-line DataErrors for a missing or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint not found")
+    try:
+        try:
+            # Plain tensors / dicts / numbers load with the safe unpickler; only fall back to full unpickling
+            # (arbitrary objects, e.g. a saved numpy RNG state) for the files we wrote ourselves.
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:
+            return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable checkpoint ({_one_line(e)})") from None
+
+
+def save_training_state(path: str | os.PathLike, *, model: torch.nn.Module, optimizer=None, scheduler=None,
+                        epoch: int, **extra) -> Path:
+    """Atomically save what a resume needs: model / optimizer / scheduler state, the epoch, and any `extra` values
+    (best score, RNG state, ...). DDP and compile wrappers are stripped, so the file loads into a bare model."""
+    state = {"model": unwrap(model).state_dict(),
+             "optimizer": optimizer.state_dict() if optimizer is not None else None,
+             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+             "epoch": epoch, **extra}
+    return atomic_save(state, path)
+
+
+def load_training_state(path: str | os.PathLike, *, model: torch.nn.Module, optimizer=None, scheduler=None,
+                        map_location: Any = "cpu") -> dict:
+    """Restore the states `save_training_state` wrote into the given objects; returns the whole dict
+    ('epoch' = the last finished epoch, plus the extras)."""
+    ckpt = load_checkpoint(path, map_location)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
+        raise DataError(f"{path}: not a training-state checkpoint (expected keys 'model' and 'epoch')")
+    try:
+        unwrap(model).load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise DataError(f"{path}: checkpoint does not match the model ({_one_line(e)})") from None
+    for name, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
+        if obj is None:
+            continue
+        if ckpt.get(name) is None:
+            raise DataError(f"{path}: checkpoint has no {name} state to resume from")
+        try:
+            obj.load_state_dict(ckpt[name])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise DataError(f"{path}: {name} state does not match ({_one_line(e)})") from None
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run directory
+
+CODE_SUFFIXES = (".py", ".yaml", ".yml", ".sh")
+CODE_SKIP_DIRS = {"runs", "__pycache__", ".venv", "experiments"}
+
+
+class _NullWriter:
+    """Stands in for SummaryWriter on non-main ranks and when tensorboard is not installed."""
+
+    def add_scalar(self, *args, **kwargs): pass
+    def add_scalars(self, *args, **kwargs): pass
+    def add_image(self, *args, **kwargs): pass
+    def add_figure(self, *args, **kwargs): pass
+    def add_histogram(self, *args, **kwargs): pass
+    def add_text(self, *args, **kwargs): pass
+    def flush(self): pass
+    def close(self): pass
+
+
+def copy_code(src: str | os.PathLike, dst: str | os.PathLike, skip: Iterable[str | os.PathLike] = ()) -> int:
+    """Copy the code files under `src` into `dst`, keeping relative paths; returns how many were copied.
+
+    Skips CODE_SKIP_DIRS, hidden directories (.git, caches) and the directories in `skip` (run outputs)."""
+    src, dst = Path(src).resolve(), Path(dst)
+    skip = {Path(p).resolve() for p in skip}
+    n = 0
+    for root, dirs, files in os.walk(src):
+        root = Path(root)
+        dirs[:] = sorted(d for d in dirs if d not in CODE_SKIP_DIRS and not d.startswith(".") and root / d not in skip)
+        for name in sorted(files):
+            if name.endswith(CODE_SUFFIXES):
+                target = dst / (root / name).relative_to(src)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(root / name, target)
+                n += 1
+    return n
+
+
+class RunDir:
+    """One run's output directory. Make it with `RunDir.create` (new) or `RunDir.open` (resume).
+
+    enabled=False (DDP ranks other than 0): every method is a no-op and nothing is created on disk; `path` is
+    where rank 0 would write when no suffix was needed.
+    """
+
+    def __init__(self, path: str | os.PathLike, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        self.checkpoint_dir = self.path / "checkpoint"
+        self.code_dir = self.path / "code"
+        self.log_dir = self.path / "log"
+        self._writer = None
+        self._handlers: list[logging.Handler] = []
+        if not enabled:
+            self.logger = logging.Logger(f"run.{self.path.name}")  # unregistered, and silenced
+            self.logger.disabled = True
+            self._writer = _NullWriter()
+            return
+        self.logger = logging.getLogger(f"run.{self.path.name}")
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False  # our handlers print it; don't print twice through the root logger
+        for d in (self.checkpoint_dir, self.code_dir, self.log_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+        for h in (logging.StreamHandler(sys.stdout), logging.FileHandler(self.log_dir / "console.log")):
+            h.setFormatter(fmt)
+            self.logger.addHandler(h)
+            self._handlers.append(h)
+
+    @classmethod
+    def create(cls, out_root: str | os.PathLike, name: str, *, config: dict | None = None,
+               code_from: str | os.PathLike | None = None, timestamp: str | None = None,
+               enabled: bool = True) -> "RunDir":
+        """A new `<out_root>/<name>_<timestamp>` directory (`_1`, `_2`, ... appended if that exists), with the code
+        under `code_from` copied to code/ and `config` saved to log/config.yaml."""
+        timestamp = timestamp or datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = Path(out_root) / f"{name}_{timestamp}"
+        if not enabled:
+            return cls(base, enabled=False)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        path, i = base, 0
+        while True:
+            try:
+                path.mkdir()  # atomic: of two runs started in the same second, exactly one gets each name
+                break
+            except FileExistsError:
+                i += 1
+                path = base.with_name(f"{base.name}_{i}")
+        run = cls(path)
+        if code_from is not None:
+            # Outputs may live under the code folder (--out results): copy neither them nor earlier runs.
+            copy_code(code_from, run.code_dir, skip=[run.path, run.path.parent])
+        if config is not None:
+            save_yaml(config, run.log_dir / "config.yaml")
+        return run
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, enabled: bool = True) -> "RunDir":
+        """An existing run directory, to resume into; the log is appended to."""
+        if enabled and not Path(path).is_dir():
+            raise DataError(f"{path}: run directory not found")
+        return cls(path, enabled=enabled)
+
+    @property
+    def writer(self):
+        """TensorBoard SummaryWriter writing into `path`, created on first use."""
+        if self._writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._writer = SummaryWriter(log_dir=str(self.path))
+            except ImportError:
+                self._writer = _NullWriter()
+        return self._writer
+
+    def log(self, msg: str) -> None:
+        if self.enabled:
+            self.logger.info(msg)
+
+    def scalar(self, tag: str, value: Any, step: int) -> None:
+        if self.enabled:
+            self.writer.add_scalar(tag, float(value), step)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def save_checkpoint(self, state: Any, name: str = "checkpoint.pth") -> Path:
+        path = self.checkpoint_dir / name
+        if self.enabled:
+            atomic_save(state, path)
+        return path
+
+    def write_summary(self, d: dict) -> Path:
+        path = self.file("summary.json")
+        if self.enabled:
+            atomic_write_json(path, d)
+        return path
+
+    def write_csv(self, name: str, rows: list[dict], columns: list[str] | None = None) -> Path:
+        """rows as CSV; columns default to every key, in order of first appearance. Missing cells are empty."""
+        path = self.file(name)
+        if not self.enabled:
+            return path
+        if columns is None:
+            columns = list(dict.fromkeys(k for row in rows for k in row))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: to_python(v) for k, v in row.items()})
+        atomic_write_text(path, buf.getvalue())
+        return path
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        for h in self._handlers:
+            self.logger.removeHandler(h)
+            h.close()
+        self._handlers = []
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r}{'' if self.enabled else ', enabled=False'})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry point
+
+def cli(main_fn: Callable[[], Any]) -> Any:
+    """Run an experiment's main(): a UserError becomes `error: <message>` on stderr and exit code 2, Ctrl-C exit 130.
+
+        if __name__ == "__main__":
+            cli(main)
+    """
+    try:
+        return main_fn()
+    except UserError as e:
+        print(f"error: {_one_line(e, limit=1000)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

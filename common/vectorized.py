@@ -1,0 +1,142 @@
+"""Many small independent models trained as one batched computation (the synthetic suites: 100 seeds × 6 γ).
+
+R independent models are held as stacked parameters with a leading runs axis and evaluated with batched matmuls
+(``torch.baddbmm``). Tensors are laid out feature-major, (R, features, N) — PyTorch's (N, C, L) convention with the
+runs as batch and the samples as length — because on CPU tiny feature axes laid out last make matmul, softmax and
+reductions several times slower; the KD losses take (R, C, N) with ``runs=R`` for the same reason. Plain SGD / momentum / Adam act elementwise, so one optimiser over the stacked tensors is exactly
+R independent optimisers. Losses are summed over runs (never averaged), so run r's parameters receive exactly the
+gradient of run r's own loss: the vectorised result equals R separate trainings, up to float rounding.
+
+Each run is initialised from its own seed, so run r gets the same initial weights whether it is trained alone or in
+a batch of 600.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def _seeds(runs: int | None, seeds: Sequence[int] | None) -> list[int | None]:
+    g = runs or 1
+    if seeds is None:
+        return [None] * g
+    seeds = list(seeds)
+    if len(seeds) != g:
+        raise ValueError(f"got {len(seeds)} seeds for {g} runs")
+    return seeds
+
+
+class BatchedLinear(nn.Module):
+    """R independent ``nn.Linear(in, out)`` layers on feature-major input: (R, in, N) → (R, out, N).
+
+    Without ``runs`` there is one weight, shared across the leading axis: (B, in, N) → (B, out, N) (a 1×1
+    convolution). Initialisation matches ``nn.Linear`` (U(−1/√in, 1/√in) for weight and bias), drawn per run from
+    ``seeds[r]`` when seeds are given.
+    """
+
+    def __init__(self, in_features: int, out_features: int, runs: int | None = None, bias: bool = True,
+                 seeds: Sequence[int] | None = None, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.runs = in_features, out_features, runs
+        g = runs or 1
+        self.weight = nn.Parameter(torch.empty(g, out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(g, out_features, 1, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters(seeds)
+
+    @torch.no_grad()
+    def reset_parameters(self, seeds: Sequence[int] | None = None):
+        bound = 1.0 / math.sqrt(self.in_features)
+        for r, seed in enumerate(_seeds(self.runs, seeds)):
+            gen = torch.Generator().manual_seed(seed) if seed is not None else None
+            self.weight[r].copy_(torch.empty(self.out_features, self.in_features).uniform_(-bound, bound, generator=gen))
+            if self.bias is not None:
+                self.bias[r, :, 0].copy_(torch.empty(self.out_features).uniform_(-bound, bound, generator=gen))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.runs is None:
+            out = torch.matmul(self.weight, x)
+            return out + self.bias if self.bias is not None else out
+        if x.dim() != 3 or x.shape[0] != self.runs or x.shape[1] != self.in_features:
+            raise ValueError(f"BatchedLinear expects (runs={self.runs}, {self.in_features}, N), got {tuple(x.shape)}")
+        if self.bias is None:
+            return torch.bmm(self.weight, x)
+        return torch.baddbmm(self.bias, self.weight, x)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, runs={self.runs}"
+
+
+def batched_mlp(dims: Sequence[int], runs: int | None, seeds: Sequence[int] | None = None,
+                activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    """Stack of BatchedLinear layers with an activation between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for k, (i, o) in enumerate(zip(dims[:-1], dims[1:])):
+        layer_seeds = None if seeds is None else [s * 1000 + k for s in seeds]
+        layers.append(BatchedLinear(i, o, runs, seeds=layer_seeds))
+        if k < len(dims) - 2:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ over runs of each run's mean cross-entropy; logits (R, C, N), labels (R, N)."""
+    return F.cross_entropy(logits, labels, reduction="none").mean(-1).sum()
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-run accuracy as a fraction: (R, C, N), (R, N) → (R,)."""
+    return (logits.argmax(1) == labels).float().mean(-1)
+
+
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, momentum: float = 0.0,
+        objective=None, teacher_out: torch.Tensor | None = None, index: torch.Tensor | None = None,
+        desc: str | None = None, progress: bool = False) -> nn.Module:
+    """Full-batch SGD of R stacked models at once; x (R, D, N), y (R, N).
+
+    Without ``objective`` the loss is the cross-entropy (summed over runs). With an ``objective``
+    (``common.kd.Objective`` built with runs=R) the loss is its weighted sum of terms against ``teacher_out``, and
+    the objective's own parameters (FitNet regressors, CRD embeddings) are optimised with the model's.
+    """
+    epochs_bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
+    if objective is None and isinstance(model, BatchedLinear) and model.runs is not None:
+        _fit_linear_ce(model, x, y, epochs_bar, lr, momentum)
+        return model.eval()
+    params = list(model.parameters()) + (list(objective.parameters()) if objective is not None else [])
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    model.train()
+    for _ in epochs_bar:
+        out = model(x)
+        if objective is None:
+            loss = cross_entropy_sum(out, y)
+        else:
+            loss, _ = objective(out, teacher_out, y, index=index)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def _fit_linear_ce(model: BatchedLinear, x, y, epochs, lr: float, momentum: float):
+    """Softmax regression by SGD with the closed-form gradient ∂CE/∂z = (softmax(z) − onehot(y)) / N: the same
+    updates as autograd + torch.optim.SGD (momentum included), about twice as fast for these tiny problems."""
+    w, b = model.weight, model.bias
+    n = x.shape[2]
+    x_t = x.transpose(1, 2).contiguous()                                           # (R, N, D) for ∂W
+    target = F.one_hot(y, w.shape[1]).transpose(1, 2).to(x.dtype)                  # (R, C, N)
+    params = [w] + ([b] if b is not None else [])
+    buffers: list[torch.Tensor | None] = [None] * len(params)
+    for _ in epochs:
+        z = torch.bmm(w, x) if b is None else torch.baddbmm(b, w, x)
+        g = (z.softmax(1) - target) / n
+        grads = [torch.bmm(g, x_t)] + ([g.sum(2, keepdim=True)] if b is not None else [])
+        for i, (p, grad) in enumerate(zip(params, grads)):
+            if momentum:
+                buffers[i] = grad if buffers[i] is None else buffers[i].mul_(momentum).add_(grad)
+                grad = buffers[i]
+            p.sub_(lr * grad)

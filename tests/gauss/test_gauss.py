@@ -1,0 +1,84 @@
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.config import load_yaml
+from gauss import experiment
+from gauss import main as gauss_main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def small_cfg(**over):
+    args = gauss_main.parse_args([])
+    cfg = gauss_main.resolve_config(args)
+    cfg["progress"] = False
+    for k, v in over.items():
+        node = cfg
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return cfg
+
+
+def test_end_to_end_every_method_and_mask(tmp_path):
+    args = gauss_main.parse_args(["--runs", "2", "--losses", "all", "--masks", "none,omega", "--out", str(tmp_path),
+                                  "--set", "train.epochs=15", "--set", "data.overlaps=[0,10]", "--set",
+                                  "progress=false"])
+    cfg = gauss_main.resolve_config(args)
+    run_dir, results = gauss_main.run(cfg, args.out, "cpu")
+    rows = list(csv.DictReader(open(run_dir.path / "summary.csv")))
+    assert list(rows[0]) == experiment.CSV_COLUMNS
+    assert len(rows) == 7 * 2 * 2  # methods × masks × γ
+    for r in rows:
+        assert 0 <= float(r["kd_acc"]) <= 1 and np.isfinite(float(r["delta_mean"]))
+    summary = json.loads((run_dir.path / "summary.json").read_text())
+    assert set(summary["correlations"]) == {f"{m}/{k}" for m in ["kl", "dkd", "fitnet", "rkd", "pkt", "sp", "crd"]
+                                            for k in ["none", "omega"]}
+    for name in ["accuracy_vs_gamma.png", "delta_vs_gamma.png", "delta_vs_ncjsd.png"]:
+        assert (run_dir.path / name).stat().st_size > 1000
+    assert (run_dir.path / "code" / "main.py").exists() and (run_dir.path / "log" / "config.yaml").exists()
+
+
+def test_delta_rises_with_gamma_over_20_runs():
+    """The reference protocol's claim for kl: KD hurts at γ = 0 and helps at γ = 1."""
+    cfg = small_cfg(runs=20, **{"data.overlaps": [0, 10]})
+    results = experiment.run_sweep(cfg, torch.device("cpu"), log=lambda *_: None)
+    delta = results["per_run"]["kl/none"]["delta"]  # (2 settings, 20 runs)
+    assert delta[1].mean() > delta[0].mean() + 2.0
+    assert delta[0].mean() < 0 < delta[1].mean()
+    # paired over runs (same seeds at both γ): the gain is larger at γ = 1 in most runs
+    assert (delta[1] > delta[0]).mean() >= 0.8
+
+
+def test_vectorised_equals_one_run_alone():
+    """Run r gets the same result whether trained alone or inside a batch of runs."""
+    many = experiment.run_sweep(small_cfg(runs=3, **{"train.epochs": 100, "data.overlaps": [4]}),
+                                torch.device("cpu"), log=lambda *_: None)
+    one = experiment.run_sweep(small_cfg(runs=1, seed=2, **{"train.epochs": 100, "data.overlaps": [4]}),
+                               torch.device("cpu"), log=lambda *_: None)
+    np.testing.assert_allclose(many["per_run"]["kl/none"]["kd_acc"][0, 2], one["per_run"]["kl/none"]["kd_acc"][0, 0])
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    for extra, needle in [(["--set", "train.lrr=1"], "unknown key 'train.lrr'"),
+                          (["--losses", "kll"], "unknown method"),
+                          (["--masks", "sometimes"], "unknown mask")]:
+        proc = subprocess.run([sys.executable, str(ROOT / "gauss" / "main.py"), "--out", str(tmp_path), *extra],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert needle in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_default_config_is_the_reference_default():
+    cfg = load_yaml(ROOT / "gauss" / "config.yaml")
+    assert cfg["runs"] == 100 and cfg["kd"]["losses"] == ["kl"] and cfg["kd"]["masks"] == ["none"]
+    assert cfg["kd"]["methods"]["kl"]["kl"]["temperature"] == 0.7 and cfg["train"]["lr"] == 0.1
+    assert cfg["data"]["overlaps"] == [0, 2, 4, 6, 8, 10]
