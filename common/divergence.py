@@ -45,10 +45,9 @@ def split_log_probs(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
     """The target / non-target decomposition of softmax(z/T) in log space.
 
     Returns (binary, nontarget, support):
-      binary     log [p_y, 1 − p_y], size 2 along ``dim``; 1 − p_y is summed from the non-target probabilities, so
-                 it does not cancel to 0 when p_y → 1 (it is floored at the smallest normal float if every non-target
-                 probability underflows);
-      nontarget  log p̂ for every class (the target slot holds a finite value with no meaning);
+      binary     log [p_y, 1 − p_y], size 2 along ``dim``; 1 − p_y is a log-sum-exp over the non-target classes,
+                 so it neither cancels to 0 when p_y → 1 nor underflows;
+      nontarget  log p̂ for every class (the target slot holds 0, a finite value with no meaning);
       support    1 − onehot(y): the classes the non-target distribution lives on.
     """
     dim = dim % logits.dim()
@@ -56,9 +55,12 @@ def split_log_probs(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
     onehot = _target_onehot(log_p, labels, dim)
     support = 1 - onehot
     log_target = (log_p * onehot).sum(dim, keepdim=True)
-    other = (log_p.exp() * support).sum(dim, keepdim=True).clamp_min(torch.finfo(log_p.dtype).tiny)
-    log_other = other.log()
-    return torch.cat([log_target, log_other], dim), log_p - log_other, support
+    # log Σ_{c≠y} p_c as a log-sum-exp over the non-target classes: exact even when every p_c underflows. The
+    # target slot is zeroed *before* the exp so it can neither overflow nor become inf·0 = NaN.
+    top = (log_p - onehot * (log_p.detach().abs().amax() + 1)).detach().amax(dim, keepdim=True)
+    log_other = top + (((log_p - top) * support).exp() * support).sum(dim, keepdim=True).log()
+    # Non-target log-probabilities; the target slot is set to 0 (a harmless finite value, excluded by `support`).
+    return torch.cat([log_target, log_other], dim), (log_p - log_other) * support, support
 
 
 def binary_log_probs(logits, labels, temperature: float = 1.0, dim: int = -1) -> torch.Tensor:

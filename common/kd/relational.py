@@ -93,9 +93,9 @@ class RKDistill(_Relational):
 
     Exact mode (pairs/triplets None) uses all N² pairs and N³ triplets — O(N³) memory, fine for minibatches.
     For full-batch training on thousands of samples set ``pairs`` / ``triplets``: each call then draws that many
-    random pairs (i ≠ j) and anchor triplets (i; j, k ≠ i) per group, and the distance normaliser is the mean over
-    the drawn pairs — an unbiased minibatch estimate of the same loss (the reference's pairwise form cannot run at
-    N = 6000).
+    uniformly random pairs (i, j) and triplets (i; j, k) per group — degenerate ones included, exactly as the exact
+    mode's N² and N³ averages include them — so each term is an unbiased estimate of its exact average; the distance
+    normaliser is the mean over the drawn pairs with i ≠ j (the reference's pairwise form cannot run at N = 6000).
     """
 
     def __init__(self, w_d: float = 25.0, w_a: float = 50.0, pairs: int | None = None,
@@ -127,21 +127,19 @@ class RKDistill(_Relational):
     def _sampled(self, s, t, w):
         g, n, d = s.shape
         draw = lambda k: torch.randint(n, (g, k), device=s.device)
-        other = lambda a: (a + torch.randint(1, n, a.shape, device=s.device)) % n  # ≠ a
 
         def pick(x, ix):  # (G, N, D) rows at ix (G, K) → (G, K, D); gather is much faster than fancy indexing
             return x.gather(1, ix.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
-        i = draw(self.pairs)
-        j = other(i)
+        i, j = draw(self.pairs), draw(self.pairs)
         pw = w.gather(1, i) * w.gather(1, j)
+        distinct = pw * (i != j).to(pw.dtype)
 
         def dist(e):
-            dd = (pick(e, i) - pick(e, j)).norm(dim=-1)
-            return dd / _wmean(dd, pw, 1).unsqueeze(1).clamp_min(1e-12)
+            dd = (pick(e, i) - pick(e, j)).pow(2).sum(-1).clamp_min(1e-12).sqrt() * (i != j).to(e.dtype)
+            return dd / _wmean(dd, distinct, 1).unsqueeze(1).clamp_min(1e-12)
 
-        a = draw(self.triplets)
-        b, c = other(a), other(a)
+        a, b, c = draw(self.triplets), draw(self.triplets), draw(self.triplets)
         tw = w.gather(1, a) * w.gather(1, b) * w.gather(1, c)
 
         def angles(e):
