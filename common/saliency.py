@@ -296,7 +296,7 @@ def _copy_distances(h_t: torch.Tensor, h_s: torch.Tensor, y: torch.Tensor, dista
     return per_sample.flatten(copy_axis + 1).mean(-1)  # mean over the batch (and positions)
 
 
-def _minmax(s: torch.Tensor) -> torch.Tensor:
+def minmax_normalize(s: torch.Tensor) -> torch.Tensor:
     """Min-max normalise over the last (channel) axis; a constant row maps to zeros rather than NaN."""
     low, high = s.amin(-1, keepdim=True), s.amax(-1, keepdim=True)
     spread = high - low
@@ -389,7 +389,7 @@ def saliency_vector(teacher: nn.Module, student: nn.Module, batches: Iterable, p
         student.train(modes[1])
 
     saliency = (total / n_samples).to(h_s.dtype if h_s.is_floating_point() else torch.float32)
-    return _minmax(saliency) if normalize else saliency
+    return minmax_normalize(saliency) if normalize else saliency
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,186 @@
+"""RAVDESS audio → face-image KD with MFH Algorithm 1: `python main.py` (in this folder) or `python ravdess/main.py`.
+
+    python main_overlap_tag.py --place 5 --num-permute 10 --first_time --cal_tag   # step 1 + 2 (saliency)
+    python main_overlap_tag.py --ratio 0.75 --mode 1 --eval_tag                    # step 3, mode 0|1|2
+    python main.py plot_tag                                                         # plot the newest saliency
+    python main.py compare_modes                                                    # modes 0, 1, 2: table + bars
+    python main.py preprocess --raw-dir RAVDESS --data data                         # raw release → feature layout
+    python main.py --demo                                                           # tiny raw tree, end to end
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:  # run as a script without an install
+    sys.path.insert(0, str(HERE.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from common import config as C  # noqa: E402
+from common.run import RunDir, cli, seed_everything  # noqa: E402
+from ravdess import demo as demo_lib  # noqa: E402
+from ravdess import experiment as X  # noqa: E402
+from ravdess import preprocess as P  # noqa: E402
+
+COMMANDS = ("run", "preprocess", "compare_modes", "plot_tag")
+FLAGS = {"place": "tag.place", "num_permute": "tag.num_permute", "first_time": "tag.first_time",
+         "distance": "tag.distance", "ratio": "eval.ratio", "mode": "eval.mode", "fill": "eval.fill",
+         "num_runs": "eval.num_runs", "checkpoint": "eval.checkpoint", "batch_size": "data.batch_size",
+         "batch_size2": "data.batch_size2", "num_workers": "data.num_workers", "gt_weight": "kd.gt_weight",
+         "pl_weight": "kd.pl_weight", "distill": "kd.distill", "mask": "kd.mask", "data": "data.dir",
+         "raw_dir": "data.raw_dir", "layout": "data.layout", "parity": "parity"}
+
+
+def parse_args(argv=None):
+    p = C.base_parser(__doc__.splitlines()[0])
+    p.set_defaults(out=str(HERE / "runs"))
+    p.add_argument("command", nargs="?", default="run", choices=COMMANDS,
+                   help="run (default: the steps named by --cal_tag / --eval_tag), preprocess, compare_modes, plot_tag")
+    a = p.add_argument
+    a("--cal_tag", "--cal-tag", dest="cal_tag", action="store_true", help="Algorithm 1 steps 1-2: the saliency vector")
+    a("--eval_tag", "--eval-tag", dest="eval_tag", action="store_true", help="step 3: remove channels, distil")
+    a("--first-time", "--first_time", dest="first_time", action="store_const", const=True,
+      help="joint training from scratch (else reuse the step-1 nets of tag.load_from / the newest run)")
+    a("--place", type=int, help="intervention place 0-6 (5 = fc2, 128 channels)")
+    a("--num-permute", "--num_permute", dest="num_permute", type=int, help="permutation repeats M")
+    a("--distance", help="step 1/2 distance: mse (MFH) | ncjsd (NTDH)")
+    a("--ratio", type=float, help="fraction of the channels removed")
+    a("--mode", type=int, help="-1 none, 0 random, 1 least salient removed, 2 most salient removed")
+    a("--fill", help="removal fill: mean (MFH) | zero (NTDH)")
+    a("--num-runs", "--num_runs", dest="num_runs", type=int, help="students per mode")
+    a("--num-epochs", "--num_epochs", dest="num_epochs", type=int, help="epochs of joint training and of KD")
+    a("--lr", type=float, help="learning rate of joint training and of KD")
+    a("--batch-size", "--batch_size", dest="batch_size", type=int)
+    a("--batch-size2", "--batch_size2", dest="batch_size2", type=int, help="batch of the saliency loader")
+    a("--num-workers", "--num_workers", dest="num_workers", type=int)
+    a("--gt-weight", "--gt_weight", dest="gt_weight", type=float, help="weight of CE on labels")
+    a("--pl-weight", "--pl_weight", dest="pl_weight", type=float, help="weight of the distillation terms")
+    a("--distill", help="KD method, a key of kd.methods (kl, dkd, hint, js, mse, cosine, rkd, pkt, similarity, crd)")
+    a("--mask", help="none | omega")
+    a("--stu-type", "--stu_type", dest="stu_type", type=int, default=0, help="0: image student (the only one)")
+    a("--gpu", type=int, help="CUDA device index (used when --device is auto and CUDA is present)")
+    a("--checkpoint", help="step-1 checkpoint (alg1.pth) or run directory for --eval_tag / plot_tag")
+    a("--data", help="feature-layout folder (data.dir)")
+    a("--raw-dir", "--raw_dir", dest="raw_dir", help="raw RAVDESS folder with Actor_XX/ (data.raw_dir)")
+    a("--layout", help="features | raw")
+    a("--parity", action="store_const", const=True, help="the reference's number-changing behaviours")
+    a("--demo", action="store_true", help="write a tiny raw tree to a temp folder and run steps 1-3 on it")
+    a("--demo-dir", "--demo_dir", dest="demo_dir", help="with --demo: keep the tree here instead of a temp folder")
+    return p.parse_args(argv)
+
+
+def resolve_config(args) -> dict:
+    if args.demo and not args.config:
+        args.config = str(HERE / "configs" / "demo.yaml")
+    if args.stu_type != 0:
+        raise C.ConfigError(f"--stu-type: only 0 (the image student) exists, got {args.stu_type}")
+    cfg = C.resolve(HERE / "config.yaml", args, FLAGS)
+    if args.num_epochs is not None:
+        cfg["tag"]["epochs"] = cfg["eval"]["epochs"] = args.num_epochs
+    if args.lr is not None:
+        cfg["tag"]["lr"] = cfg["eval"]["lr"] = args.lr
+    X._check(cfg)
+    return cfg
+
+
+def device_of(args) -> torch.device:
+    if args.gpu is not None and args.device == "auto" and torch.cuda.is_available():
+        return C.resolve_device(f"cuda:{args.gpu}")
+    return C.resolve_device(args.device)
+
+
+def run(cfg: dict, args, out: str | Path) -> dict:
+    """Everything a command line asks for; returns the results (for report.py and the tests)."""
+    dev = device_of(args)
+    if cfg["torch_threads"] > 0:
+        torch.set_num_threads(cfg["torch_threads"])
+    seed_everything(cfg["seed"], cfg["deterministic"])
+    command = args.command
+    if command == "run" and not (args.cal_tag or args.eval_tag):
+        raise C.ConfigError("nothing to do: give --cal_tag and/or --eval_tag, a command "
+                            f"({', '.join(COMMANDS[1:])}), or --demo")
+    if command == "preprocess":
+        d = cfg["data"]
+        if not d["raw_dir"]:
+            raise C.ConfigError("preprocess: give --raw-dir (data.raw_dir), the folder holding Actor_XX/")
+        return P.preprocess(d["raw_dir"], d["dir"], cfg, progress=cfg["progress"])
+    if command == "plot_tag":
+        path = X.find_checkpoint(args.checkpoint or cfg["eval"]["checkpoint"], out)
+        ck = X.load_alg1(path, cfg)
+        png = X.plot_saliency(ck["saliency"].numpy(), path.parent.parent / f"saliency_place{ck['place']}.png",
+                              cfg["eval"]["ratio"], title=f"Algorithm-1 saliency, place {ck['place']}")
+        print(f"wrote {png}")
+        return {"plot": png}
+    name = {"compare_modes": "ravdess_compare"}.get(command) or (
+        "ravdess" if args.cal_tag and args.eval_tag else "ravdess_cal" if args.cal_tag else
+        f"ravdess_eval_mode{cfg['eval']['mode']}")
+    if cfg["data"]["layout"] == "features":
+        X.data_root(cfg)  # fail on a missing dataset before a run directory is made
+    if (args.eval_tag or command == "compare_modes") and not args.cal_tag:
+        X.find_checkpoint(cfg["eval"]["checkpoint"], out)  # likewise for a missing step-1 checkpoint
+    rd = RunDir.create(out, name, config=cfg, code_from=HERE)
+    rd.log(f"run directory {rd.path} (device {dev})")
+    root = X.data_root(cfg, log=rd.log)
+    results: dict = {"run_dir": rd.path}
+    ck = None
+    if args.cal_tag:
+        results["cal"] = X.cal_tag(cfg, root, rd, dev, out)
+        ck = results["cal"]["checkpoint"]
+    if args.eval_tag or command == "compare_modes":
+        ck = ck or X.find_checkpoint(cfg["eval"]["checkpoint"], out)
+        rd.log(f"step 3 uses {ck}")
+        if command == "compare_modes":
+            results["modes"] = X.compare_modes(cfg, root, rd, dev, ck)
+        else:
+            results["modes"] = [X.eval_tag(cfg, root, rd, dev, ck)]
+            print(results["modes"][0]["line"])
+    summary = {"experiment": "ravdess", "command": command, "config": cfg}
+    if "cal" in results:
+        c = results["cal"]
+        summary["alg1"] = {"checkpoint": str(c["checkpoint"]), "accuracy": c["accuracy"], "channels": c["channels"],
+                           "saliency": c["saliency"].tolist(), "joint_history": c["joint_history"],
+                           "source": c["source"], "seconds": c["seconds"]}
+    if "modes" in results:
+        summary["modes"] = [{k: v for k, v in r.items()} for r in results["modes"]]
+        for r in results["modes"]:
+            rd.scalar("student/test_acc_mean", r["test_mean"], r["mode"])
+            rd.scalar("student/val_acc_mean", r["val_mean"], r["mode"])
+    rd.write_summary(summary)
+    rd.close()
+    return results
+
+
+def run_demo(cfg: dict, args) -> dict:
+    """Write the tiny raw tree, preprocess it, run steps 1-3 (and all modes) on it."""
+    dm = cfg["demo"]
+    keep = args.demo_dir
+    tmp = None if keep else tempfile.TemporaryDirectory(prefix="ravdess_demo_")
+    base = Path(keep or tmp.name)
+    try:
+        demo_lib.make_raw_tree(base / "raw", actors=range(1, dm["actors"] + 1),
+                               repetitions=range(1, dm["repetitions"] + 1), seconds=dm["seconds"],
+                               sr=dm["sample_rate"], frames=dm["video_frames"], size=dm["video_size"], seed=cfg["seed"])
+        cfg["data"].update(layout="raw", raw_dir=str(base / "raw"), dir=str(base / "features"))
+        cfg["tag"]["first_time"] = True
+        args.cal_tag, args.eval_tag = True, True
+        args.command = "compare_modes"
+        return run(cfg, args, args.out)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = resolve_config(args)
+    if args.demo:
+        return run_demo(cfg, args)
+    return run(cfg, args, args.out)
+
+
+if __name__ == "__main__":
+    cli(main)
