@@ -22,7 +22,7 @@ import copy
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import yaml
@@ -258,18 +258,21 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def resolve(defaults_path: str | os.PathLike, args: argparse.Namespace, flags: dict[str, str] | None = None) -> dict:
-    """The run's config: defaults <- --config <- --set <- flags.
+def resolve(defaults_path: str | os.PathLike, args: argparse.Namespace, flags: dict[str, str] | None = None,
+            layers: Sequence[str | os.PathLike] = ()) -> dict:
+    """The run's config: defaults <- layers (e.g. a preset or demo YAML) <- --config <- --set <- flags.
 
     flags: argparse dest -> dotted config key, e.g. {"epochs": "train.epochs"}; a flag left at None is not applied.
+    Every layer is validated against the defaults; errors name the layer's file, "--set" or the flag.
     """
     defaults = load_yaml(defaults_path)
     cfg = _strip_open(defaults)
-    if getattr(args, "config", None):
-        cfg = _apply(defaults, cfg, load_yaml(args.config), str(args.config))
+    files = [Path(p) for p in layers] + ([Path(args.config)] if getattr(args, "config", None) else [])
+    for path in files:
+        cfg = _apply(defaults, cfg, load_yaml(path), str(path))
     cfg = _apply(defaults, cfg, parse_set(getattr(args, "set", None) or []), "--set")
     for dest, key in (flags or {}).items():
-        value = getattr(args, dest)
+        value = getattr(args, dest, None)  # a flag this command does not define counts as not given
         if value is not None:
             flag = "--" + dest.replace("_", "-")
             cfg = _apply(defaults, cfg, _nest(_split_key(key, flag), value), flag)

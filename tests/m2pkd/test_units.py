@@ -1,0 +1,145 @@
+"""Fast unit tests: gold-standard readers, CCC against numpy, post-processing on known signals, KD weighting,
+stateful inference, models' shapes."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import DataError
+from common.metrics import ccc_loss, ccc_np
+from m2pkd import data as D
+from m2pkd import models as M
+from m2pkd import pipeline as PL
+from m2pkd import postprocess as PP
+from m2pkd import train as T
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def demo_cfg(*sets):
+    return PL.resolve(PL.parser("t", flags=("train",)).parse_args(["--demo", *sum((["--set", s] for s in sets), [])]))
+
+
+def test_arff_roundtrip_and_errors(tmp_path):
+    t = np.arange(11) * 0.04
+    v = np.sin(t)
+    p = D.write_arff(tmp_path / "a.arff", "train_1", t, v)
+    tt, vv = D.read_arff(p)
+    assert np.allclose(tt, t) and np.allclose(vv, v, atol=1e-6)
+    bad = tmp_path / "bad.arff"
+    bad.write_text("@attribute Instance_name string\n@attribute frameTime numeric\n@data\n'x',0.0\n")
+    with pytest.raises(DataError, match="bad.arff.*GoldStandard"):
+        D.read_arff(bad)
+    short = tmp_path / "short.arff"
+    short.write_text(p.read_text() + "'train_1',0.44\n")
+    with pytest.raises(DataError, match=r"short.arff:\d+: expected 3"):
+        D.read_arff(short)
+
+
+def test_gold_csv_reader(tmp_path):
+    p = tmp_path / "dev_1.csv"
+    p.write_text("0.1;0.2\n-0.3;0.4\n")
+    assert np.allclose(D.read_gold_csv(p), [[0.1, 0.2], [-0.3, 0.4]])
+    p.write_text("0.1,0.2\n")
+    with pytest.raises(DataError, match="dev_1.csv:1"):
+        D.read_gold_csv(p)
+
+
+def test_ccc_and_loss_against_numpy():
+    rng = np.random.RandomState(0)
+    g = rng.normal(size=500)
+    p = 0.7 * g + 0.3 + rng.normal(scale=0.5, size=500)
+    r = np.corrcoef(p, g)[0, 1]
+    ref = 2 * r * p.std() * g.std() / (p.var() + g.var() + (p.mean() - g.mean()) ** 2)
+    assert ccc_np(p, g) == pytest.approx(ref, rel=1e-10)
+    loss = ccc_loss(torch.tensor(p).view(20, 25), torch.tensor(g).view(20, 25))
+    assert loss.item() == pytest.approx(1 - ref, rel=1e-6)
+    gc = g - g.mean()
+    assert ccc_np(gc, gc) == pytest.approx(1.0) and ccc_np(-gc, gc) == pytest.approx(-1.0)
+
+
+def test_postprocessing_on_known_signals():
+    t = np.arange(600)
+    g = np.sin(2 * np.pi * t / 150)
+    # a prediction that leads the gold standard by 12 frames, at half scale and offset: the AVEC chain finds
+    # the delay, the bias and the scale on one recording and applies them to another
+    lead = lambda x, k: np.concatenate([x[k:], np.full(k, x[-1])])
+    pred = 0.5 * lead(g, 12) + 0.4
+    params = PP.fit_avec([(pred, g)], medians=[1, 3], shifts=[0, 4, 8, 12, 16])
+    assert params["shift"] == 12 and params["bias"] == pytest.approx(-0.4, abs=0.05)
+    assert params["scale"] == pytest.approx(2.0, rel=0.05)
+    assert ccc_np(PP.apply_avec(pred, params), g) > 0.99 > ccc_np(pred, g)
+    # authors' chain pieces
+    assert np.array_equal(PP.circular_shift(np.arange(5.0), 2), [3, 4, 0, 1, 2])
+    assert np.allclose(PP.box_filter(np.ones(7), 3), [2 / 3, 1, 1, 1, 1, 1, 2 / 3])
+    y = PP.authors_chain(np.arange(10.0), 2.0, 1, 1)
+    assert np.allclose(y, 2 * np.roll(np.arange(10.0), 1))
+    with pytest.raises(Exception, match="odd"):
+        PP.fit_avec([(pred, g)], medians=[2], shifts=[0])
+
+
+def test_kd_weights_faithful_and_sane():
+    cfg = demo_cfg("kd.weighting=faithful")
+    assert T.kd_weights(0.1, cfg) == pytest.approx((0.7, 0.3))     # good teacher: β = 0.2 + γ
+    assert T.kd_weights(0.5, cfg) == (0.0, 1.0)                    # mediocre: KD only
+    a, b = T.kd_weights(1.3, cfg)                                   # anti-correlated: negative GT weight
+    assert b == pytest.approx(1.5) and a == pytest.approx(-0.5)
+    cfg = demo_cfg()
+    for g in (0.0, 0.1, 0.5, 1.3, 2.0):
+        a, b = T.kd_weights(g, cfg)
+        assert a == 1.0 and 0.0 <= b <= 1.0
+    assert T.kd_weights(0.1, cfg)[1] > T.kd_weights(0.5, cfg)[1]
+    assert T.kd_weights(0.5, demo_cfg("parity=true")) == (0.0, 1.0)
+
+
+def test_stateful_inference_equals_one_pass_and_models_shapes():
+    cfg = demo_cfg()
+    torch.manual_seed(0)
+    m = cfg["model"]
+    teacher = M.TeacherModel(m).eval()
+    n = 23
+    rec = D.Recording("x", torch.randint(0, 255, (n, 3, 32, 32), dtype=torch.uint8),
+                      torch.arange(n) // 10, torch.rand(3, 1, 32, 44), torch.rand(n))
+    pred = T.predict(teacher, rec, cfg, "cpu")
+    with torch.no_grad():
+        full = teacher(rec.frames[None].float() / 255, specs=rec.specs, spec_idx=rec.spec_index[None])
+    assert pred.shape == (n,) and np.allclose(pred, full["out"][0].numpy(), atol=1e-5)
+    assert full["embed"].shape == (1, n, m["embed_dim"])
+    student = M.VisualModel(m)
+    out = student(torch.rand(2, 5, 3, 32, 32))
+    assert out["out"].shape == (2, 5) and out["embed"].shape == (2, 5, 128)
+    # full-size visual path: 112 px gives the reference's 4608-d flattened VGG feature
+    full_m = PL.C.merge(PL.C.load_yaml(PL.CONFIG), {}, "x")["model"]
+    assert M.VisualCNN(full_m).fc.in_features == 4608
+
+
+def test_local_weights_loading(tmp_path):
+    cfg = demo_cfg()
+    m = {**cfg["model"], "vgg_width_div": 1}
+    cnn = M.VisualCNN(m)
+    src = M.VisualCNN(m)
+    torch.save({"net": {**{k: v for k, v in src.state_dict().items() if k.startswith("features.")},
+                        "classifier.weight": torch.zeros(7, 512)}, "acc": 70.0}, tmp_path / "fer.t7")
+    n, total = M.load_visual_weights(cnn, tmp_path / "fer.t7")
+    assert n == total and torch.equal(cnn.features[0].weight, src.features[0].weight)
+    audio, ref = M.AudioCNN(m), M.AudioCNN(m)
+    torch.save(ref.net.state_dict(), tmp_path / "r18.pth")
+    M.load_audio_weights(audio, tmp_path / "r18.pth")
+    assert torch.equal(audio.net.conv1.weight, ref.net.conv1.weight)
+    (tmp_path / "junk.t7").write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match="junk.t7"):
+        M.load_visual_weights(cnn, tmp_path / "junk.t7")
+
+
+def test_cli_errors_are_one_line(capsys):
+    from common.run import cli
+    from m2pkd import mmpkd
+    for argv, needle in ((["teacher", "--demo", "--set", "bogus=1"], "bogus"), (["teacher"], "data.root"),
+                         (["student", "--demo", "--data", "nowhere"], "kd.teacher")):
+        with pytest.raises(SystemExit) as e:
+            cli(lambda: mmpkd.main(argv))
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("error:") and needle in err and len(err.splitlines()) == 1
