@@ -1,0 +1,1 @@
+"""NTDH NYUDepthV2 semantic scene completion (SSCNet data) with cross-modal knowledge distillation."""
