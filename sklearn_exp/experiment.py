@@ -1,0 +1,288 @@
+"""The NTDH sklearn sweep (spec §3): for every γ and run, a teacher on x1, a no-KD baseline and one KD student per
+(method, mask) on x2, then Algorithm 1 on the inputs — joint CE + CE + ncjsd training, permutation saliency of every
+input column of both modalities, `mask_dim` teacher columns kept by mode alg1 | random | reverse, a teacher retrained
+on them and every KD student distilled again from it. All runs of all γ are one batched computation.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy import stats
+
+from common import divergence as D
+from common.kd import build_objective
+from common.saliency import removal_indices, saliency_vector
+from common.vectorized import accuracy, cross_entropy_sum
+from sklearn_exp import data
+from sklearn_exp.models import fit, two_layer_nn
+
+CSV_COLUMNS = ["loss", "mask", "gamma", "overlap_dim", "runs", "teacher_acc", "no_kd_acc", "kd_acc", "delta_mean",
+               "delta_std", "ncjsd", "cmd_input", "masked_teacher_acc", "masked_student_acc", "saliency_hits_x1",
+               "saliency_hits_x2"]
+# Alg. 1 selection mode → common.saliency.removal_indices mode (which columns are *removed*)
+MODES = {"random": 0, "alg1": 1, "reverse": 2}
+
+
+@dataclass
+class Sweep:
+    """Every (setting, run) stacked on one axis of S·R groups, setting-major."""
+    settings: list[dict]
+    runs: int
+    train: data.Split
+    test: data.Split
+    layout: data.Layout
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def groups(self) -> int:
+        return len(self.settings) * self.runs
+
+    def per_setting(self, v) -> np.ndarray:
+        """(S·R,) → (S, R) numpy."""
+        v = v.detach().cpu() if isinstance(v, torch.Tensor) else torch.as_tensor(v)
+        return v.reshape(len(self.settings), self.runs).numpy()
+
+
+def data_seeds(cfg: dict) -> list[int]:
+    d = cfg["data"]
+    if cfg["parity"] or d["same_data_every_run"]:
+        return [d["seed"]] * cfg["runs"]
+    return [d["seed"] + r for r in range(cfg["runs"])]
+
+
+def build_sweep(cfg: dict) -> Sweep:
+    d = cfg["data"]
+    layout = data.Layout(x_dim=d["x_dim"], fixed_dim=d["fixed_dim"])
+    train, test = data.build(data_seeds(cfg), d["overlaps"], layout, n_samples=d["n_samples"],
+                             n_features=d["n_features"], n_classes=d["n_classes"],
+                             n_clusters_per_class=d["n_clusters_per_class"], test_size=d["test_size"],
+                             scaler_fit="all" if cfg["parity"] else d["scaler_fit"])
+    settings = [{"gamma": data.gamma_of(ov, d["fixed_dim"]), "overlap_dim": ov} for ov in d["overlaps"]]
+    return Sweep(settings, cfg["runs"], train, test, layout)
+
+
+def init_seeds(cfg: dict, sweep: Sweep, offset: int = 0, groups: int | None = None) -> list[int]:
+    """Model-init seed per group: run r uses seed + r for every role and γ (the reference builds teacher, students
+    and masked teacher all from the run's seed_j)."""
+    per_run = [cfg["seed"] + offset + r for r in range(sweep.runs)]
+    n = (groups or sweep.groups) // sweep.runs
+    return per_run * n
+
+
+def _train_cfg(cfg):
+    t = cfg["train"]
+    return {"epochs": t["epochs"], "lr": t["lr"], "momentum": t["momentum"], "chunk": t["chunk_runs"],
+            "progress": cfg["progress"]}
+
+
+def train_ce(cfg, x, y, seeds, desc):
+    m = two_layer_nn(x.shape[1], cfg["model"]["hidden"], int(cfg["data"]["n_classes"]), x.shape[0], seeds)
+    return fit([m.to(x.device)], [x], labels=y, desc=desc, **_train_cfg(cfg))[0]
+
+
+def objective_for(cfg: dict, method: str, mask: str, sweep: Sweep, n_classes: int):
+    kd = cfg["kd"]
+    terms = {"ce": {"weight": kd["ce_weight"]}, **kd["methods"][method]}
+    loss_cfg = {"terms": terms, "mask": mask, "omega": {**kd["omega"], "detach": not cfg["parity"]}}
+    context = {"student_dim": n_classes, "teacher_dim": n_classes, "n_data": sweep.train.y.shape[1],
+               "dataset_labels": sweep.train.y}
+    return build_objective(loss_cfg, runs=sweep.groups, context=context)
+
+
+def train_kd(cfg, sweep, method, mask, teacher_train, seeds, desc):
+    tr = sweep.train
+    n_classes = int(cfg["data"]["n_classes"])
+    objective = objective_for(cfg, method, mask, sweep, n_classes).to(tr.x2.device)
+    student = two_layer_nn(tr.x2.shape[1], cfg["model"]["hidden"], n_classes, sweep.groups, seeds).to(tr.x2.device)
+    return fit([student], [tr.x2], loss_fn=lambda z: objective(z[0], teacher_train, tr.y)[0],
+               extra_params=list(objective.parameters()), desc=desc, **_train_cfg(cfg))[0]
+
+
+def nontarget_divergence(z_s, z_t, y, variant) -> torch.Tensor:
+    """Per-group mean non-target JS between (G, C, N) logits (C ≥ 3 here, so the non-target JS proper)."""
+    return D.nontarget_js(z_s, z_t, y, variant, dim=1).mean(-1)
+
+
+def kept_columns(saliency: torch.Tensor, mode: str, k: int, generator: torch.Generator) -> torch.Tensor:
+    """(G, k) column ids to keep, increasing: alg1 the k most salient, reverse the k least, random k distinct."""
+    g, d = saliency.shape
+    if not 1 <= k <= d:
+        raise ValueError(f"mask_dim must lie in [1, {d}], got {k}")
+    removed = removal_indices(saliency, MODES[mode], (d - k + 0.5) / d, generator)  # exactly d − k removed
+    keep = torch.ones(g, d, dtype=torch.bool, device=saliency.device)
+    keep.scatter_(1, removed, False)
+    return torch.arange(d, device=saliency.device).expand(g, d)[keep].view(g, k)
+
+
+def hits(kept: torch.Tensor, truth_per_setting: list[list[int]], runs: int) -> np.ndarray:
+    """(S, R) number of kept columns that lie in the setting's ground-truth set."""
+    out = np.zeros((len(truth_per_setting), runs))
+    kept = kept.cpu().numpy().reshape(len(truth_per_setting), runs, -1)
+    for s, truth in enumerate(truth_per_setting):
+        out[s] = np.isin(kept[s], truth).sum(-1)
+    return out
+
+
+def algorithm1(cfg: dict, sweep: Sweep, variant: str, log=print) -> dict:
+    """Alg. 1 steps 1–2 on the inputs of both modalities; returns saliencies, kept columns and their hits."""
+    a, tr = cfg["alg1"], sweep.train
+    n_classes, hidden, x_dim = int(cfg["data"]["n_classes"]), cfg["model"]["hidden"], tr.x1.shape[1]
+    seeds_t = init_seeds(cfg, sweep)
+    # The reference builds both joint nets from seed 42, i.e. with identical weights (spec §12 item 24).
+    seeds_s = seeds_t if cfg["parity"] else init_seeds(cfg, sweep, offset=a["student_seed_offset"])
+    teacher = two_layer_nn(x_dim, hidden, n_classes, sweep.groups, seeds_t).to(tr.x1.device)
+    student = two_layer_nn(tr.x2.shape[1], hidden, n_classes, sweep.groups, seeds_s).to(tr.x1.device)
+
+    def joint_loss(z):
+        z_t, z_s = z
+        return (cross_entropy_sum(z_t, tr.y) + cross_entropy_sum(z_s, tr.y)
+                + a["distance_weight"] * nontarget_divergence(z_s, z_t, tr.y, variant).sum())
+
+    started = time.perf_counter()
+    fit([teacher, student], [tr.x1, tr.x2], epochs=a["epochs"], lr=a["lr"], momentum=a["momentum"],
+        loss_fn=joint_loss, chunk=cfg["train"]["chunk_runs"], progress=cfg["progress"], desc="alg1 joint training")
+    sweep.timings["alg1_joint"] = time.perf_counter() - started
+    started = time.perf_counter()
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    common_args = dict(op="permute", distance="ncjsd", repeats=a["repeats"], batch_dim=2, channel_dim=1,
+                       class_dim=1, chunk=a["chunk_channels"], generator=gen, variant=variant,
+                       progress=cfg["progress"])
+    sal_x1 = saliency_vector(teacher, student, [(tr.x1, tr.x2, tr.y)], "input", desc="saliency x1", **common_args)
+    # x2's columns: the same measurement with the roles swapped (the non-target JS is symmetric)
+    sal_x2 = saliency_vector(student, teacher, [(tr.x2, tr.x1, tr.y)], "input", desc="saliency x2", **common_args)
+    sweep.timings["alg1_saliency"] = time.perf_counter() - started
+    with torch.no_grad():
+        joint_acc_t = sweep.per_setting(accuracy(teacher(sweep.test.x1), sweep.test.y))
+        joint_acc_s = sweep.per_setting(accuracy(student(sweep.test.x2), sweep.test.y))
+    k = a["mask_dim"]
+    kept_x1 = kept_columns(sal_x1, a["mode"], k, gen)
+    kept_x2 = kept_columns(sal_x2, a["mode"], k, gen)
+    ovs = [s["overlap_dim"] for s in sweep.settings]
+    lay = sweep.layout
+    out = {"saliency_x1": sal_x1, "saliency_x2": sal_x2, "kept_x1": kept_x1, "kept_x2": kept_x2,
+           "hits_x1": hits(kept_x1, [lay.x1_decisive(ov) for ov in ovs], sweep.runs),
+           "hits_x2": hits(kept_x2, [lay.x2_decisive(ov) for ov in ovs], sweep.runs),
+           "general_hits_x1": hits(kept_x1, [lay.shared(ov) for ov in ovs], sweep.runs),
+           "general_hits_x2": hits(kept_x2, [lay.shared(ov) for ov in ovs], sweep.runs),
+           "joint_teacher_acc": joint_acc_t, "joint_student_acc": joint_acc_s}
+    log(f"Alg. 1 ({a['mode']}, mask_dim {k}): joint training {sweep.timings['alg1_joint']:.1f} s, saliency "
+        f"{sweep.timings['alg1_saliency']:.1f} s; kept x1 columns that are decisive per γ: "
+        + ", ".join(f"γ={s['gamma']:.2f}: {h:.2f}/{k}" for s, h in zip(sweep.settings, out["hits_x1"].mean(1))))
+    return out
+
+
+def gather_columns(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """(G, D, N) → (G, k, N) with each group's own kept columns."""
+    return x.gather(1, kept.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+
+
+def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
+    started, cpu_started = time.perf_counter(), time.process_time()
+    sweep = build_sweep(cfg)
+    sweep.timings["data"] = time.perf_counter() - started
+    sweep.train, sweep.test = sweep.train.to(device), sweep.test.to(device)
+    tr, te = sweep.train, sweep.test
+    variant = "reference" if cfg["parity"] else cfg["analysis"]["js_variant"]
+    R, S = sweep.runs, len(sweep.settings)
+    log(f"{S} settings × {R} runs = {sweep.groups} groups of {tr.y.shape[1]} train / {te.y.shape[1]} test samples, "
+        f"{cfg['train']['epochs']} full-batch epochs per model, device {device}")
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        sweep.timings[name] = sweep.timings.get(name, 0.0) + time.perf_counter() - t0
+        return out
+
+    seeds = init_seeds(cfg, sweep)
+    teacher = timed("teacher", lambda: train_ce(cfg, tr.x1, tr.y, seeds, "teacher"))
+    # x2 does not depend on γ, so the no-KD baseline of run r is the same model at every γ: train R, not S·R.
+    baseline = timed("no_kd", lambda: train_ce(cfg, tr.x2[:R], tr.y[:R], seeds[:R], "no-KD baseline"))
+    split = tr if cfg["analysis"]["ncjsd_split"] == "train" else te
+    with torch.no_grad():
+        teacher_train = teacher(tr.x1)
+        teacher_split = teacher(split.x1)
+        teacher_acc = sweep.per_setting(accuracy(teacher(te.x1), te.y))
+        no_kd_acc = np.tile(accuracy(baseline(te.x2[:R]), te.y[:R]).cpu().numpy(), (S, 1))
+        cmd_input = sweep.per_setting(D.cmd(tr.x1.transpose(1, 2), tr.x2.transpose(1, 2),
+                                            cfg["analysis"]["cmd_moments"]))
+
+    alg = timed("alg1", lambda: algorithm1(cfg, sweep, variant, log))
+    kept = alg["kept_x1"]
+    x1_masked_train, x1_masked_test = gather_columns(tr.x1, kept), gather_columns(te.x1, kept)
+    masked_teacher = timed("masked_teacher", lambda: train_ce(cfg, x1_masked_train, tr.y, seeds, "masked teacher"))
+    with torch.no_grad():
+        masked_teacher_train = masked_teacher(x1_masked_train)
+        masked_teacher_acc = sweep.per_setting(accuracy(masked_teacher(x1_masked_test), te.y))
+
+    rows, per_run = [], {}
+    for method in cfg["kd"]["losses"]:
+        for mask in cfg["kd"]["masks"]:
+            key = f"{method}/{mask}"
+            student = timed("kd", lambda: train_kd(cfg, sweep, method, mask, teacher_train, seeds, key))
+            masked_student = timed("masked_kd", lambda: train_kd(cfg, sweep, method, mask, masked_teacher_train,
+                                                                 seeds, f"{key} from masked teacher"))
+            with torch.no_grad():
+                kd_acc = sweep.per_setting(accuracy(student(te.x2), te.y))
+                ncjsd = sweep.per_setting(nontarget_divergence(student(split.x2), teacher_split, split.y, variant))
+                masked_student_acc = sweep.per_setting(accuracy(masked_student(te.x2), te.y))
+            delta = (kd_acc - no_kd_acc) * 100
+            per_run[key] = {"delta": delta, "ncjsd": ncjsd, "kd_acc": kd_acc, "masked_student_acc": masked_student_acc,
+                            "delta_masked": (masked_student_acc - no_kd_acc) * 100}
+            for s, setting in enumerate(sweep.settings):
+                rows.append({"loss": method, "mask": mask, "gamma": setting["gamma"],
+                             "overlap_dim": setting["overlap_dim"], "runs": R,
+                             "teacher_acc": teacher_acc[s].mean(), "no_kd_acc": no_kd_acc[s].mean(),
+                             "kd_acc": kd_acc[s].mean(), "delta_mean": delta[s].mean(), "delta_std": delta[s].std(),
+                             "ncjsd": ncjsd[s].mean(), "cmd_input": cmd_input[s].mean(),
+                             "masked_teacher_acc": masked_teacher_acc[s].mean(),
+                             "masked_student_acc": masked_student_acc[s].mean(),
+                             "saliency_hits_x1": alg["hits_x1"][s].mean(),
+                             "saliency_hits_x2": alg["hits_x2"][s].mean()})
+            log(format_table([r for r in rows if r["loss"] == method and r["mask"] == mask], method, mask,
+                             cfg["alg1"]["mask_dim"]))
+    correlations = {key: spearman(v["ncjsd"], v["delta"]) for key, v in per_run.items()}
+    for key, c in correlations.items():
+        log(f"NTDH check {key}: Spearman ρ(non-target JS, Delta) = {c['rho']:+.3f} over {c['n']} runs "
+            f"(p = {c['p']:.2g}); over the γ means ρ = {c['rho_means']:+.3f}")
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    log("time per stage (s): " + ", ".join(f"{k} {v:.1f}" for k, v in sweep.timings.items())
+        + f"; total {seconds:.1f} s wall, {cpu_seconds:.1f} s CPU ({torch.get_num_threads()} thread(s))")
+    saliency = {"x1": alg["saliency_x1"].cpu().numpy().reshape(S, R, -1),
+                "x2": alg["saliency_x2"].cpu().numpy().reshape(S, R, -1),
+                "kept_x1": alg["kept_x1"].cpu().numpy().reshape(S, R, -1),
+                "kept_x2": alg["kept_x2"].cpu().numpy().reshape(S, R, -1),
+                "x1_decisive": [sweep.layout.x1_decisive(s["overlap_dim"]) for s in sweep.settings],
+                "x2_decisive": [sweep.layout.x2_decisive(s["overlap_dim"]) for s in sweep.settings],
+                "shared": [sweep.layout.shared(s["overlap_dim"]) for s in sweep.settings],
+                "general_hits_x1": alg["general_hits_x1"], "general_hits_x2": alg["general_hits_x2"],
+                "joint_teacher_acc": alg["joint_teacher_acc"], "joint_student_acc": alg["joint_student_acc"]}
+    return {"rows": rows, "per_run": per_run, "correlations": correlations, "settings": sweep.settings,
+            "saliency": saliency, "mode": cfg["alg1"]["mode"], "mask_dim": cfg["alg1"]["mask_dim"],
+            "teacher_acc": teacher_acc, "no_kd_acc": no_kd_acc, "masked_teacher_acc": masked_teacher_acc,
+            "timings": dict(sweep.timings), "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "threads": torch.get_num_threads()}
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> dict:
+    """Rank correlation over every run of every setting, and over the per-setting means."""
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return {"rho": float("nan"), "p": float("nan"), "n": int(x.size), "rho_means": float("nan")}
+    rho, p = stats.spearmanr(x.ravel(), y.ravel())
+    rho_means = stats.spearmanr(x.mean(1), y.mean(1))[0] if x.shape[0] > 2 else float("nan")
+    return {"rho": float(rho), "p": float(p), "n": int(x.size), "rho_means": float(rho_means)}
+
+
+def format_table(rows: list[dict], method: str, mask: str, mask_dim: int) -> str:
+    head = (f"\n{method} (mask {mask}), {rows[0]['runs']} runs\n"
+            f"{'gamma':>6} {'teacher':>8} {'no-KD':>8} {'KD':>8} {'Delta (pts)':>15} {'nc-JS':>8} {'CMD in':>8} "
+            f"{'mask-T':>8} {'mask-S':>8} {'hits x1':>8} {'hits x2':>8}")
+    lines = [head, "-" * len(head.splitlines()[-1])]
+    for r in rows:
+        lines.append(f"{r['gamma']:6.2f} {r['teacher_acc']:8.4f} {r['no_kd_acc']:8.4f} {r['kd_acc']:8.4f} "
+                     f"{r['delta_mean']:+7.2f} ± {r['delta_std']:5.2f} {r['ncjsd']:8.5f} {r['cmd_input']:8.2f} "
+                     f"{r['masked_teacher_acc']:8.4f} {r['masked_student_acc']:8.4f} "
+                     f"{r['saliency_hits_x1']:5.2f}/{mask_dim} {r['saliency_hits_x2']:5.2f}/{mask_dim}")
+    return "\n".join(lines)

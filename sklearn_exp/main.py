@@ -1,0 +1,126 @@
+"""NTDH sklearn experiment with Algorithm-1 input masking: `python main.py` (here) or `python sklearn_exp/main.py`.
+
+    python main.py                                   # reference default: KL, no mask, Alg. 1, 10 runs × 5 γ
+    python main.py --losses all --masks none,omega   # the full table
+    python main.py --mode random --mask-dim 5 --runs 3 --out /tmp/runs
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:  # run as a script without an install: make `common` and `sklearn_exp` importable
+    sys.path.insert(0, str(HERE.parent))
+
+import torch  # noqa: E402
+
+from common import config as C  # noqa: E402
+from common.run import RunDir, cli, seed_everything  # noqa: E402
+from sklearn_exp import experiment, report  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = C.base_parser(__doc__.splitlines()[0])
+    p.set_defaults(out=str(HERE / "runs"))
+    p.add_argument("--runs", type=int, help="independent runs (seeds) per γ")
+    p.add_argument("--losses", help="comma-separated KD methods from kd.methods, or 'all'")
+    p.add_argument("--masks", help="comma-separated masks: none, omega")
+    p.add_argument("--mode", help="Algorithm-1 selection: alg1, random or reverse")
+    p.add_argument("--mask-dim", type=int, dest="mask_dim", help="teacher (x1) columns kept by Algorithm 1")
+    p.add_argument("--parity", action="store_const", const=True,
+                   help="reproduce the reference's number-changing behaviours (scaler leak, same data every run, "
+                        "identical Alg.1 init, reversed JS, ω not detached)")
+    return p.parse_args(argv)
+
+
+def resolve_config(args) -> dict:
+    defaults = HERE / "config.yaml"
+    methods = [k for k in C.load_yaml(defaults)["kd"]["methods"] if k != "_open"]
+    if args.losses is not None:
+        args.losses = methods if args.losses.strip() == "all" else [s.strip() for s in args.losses.split(",") if s.strip()]
+    if args.masks is not None:
+        args.masks = [s.strip() for s in args.masks.split(",") if s.strip()]
+    cfg = C.resolve(defaults, args, {"runs": "runs", "losses": "kd.losses", "masks": "kd.masks", "mode": "alg1.mode",
+                                     "mask_dim": "alg1.mask_dim", "parity": "parity"})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: dict) -> None:
+    kd, d, a = cfg["kd"], cfg["data"], cfg["alg1"]
+    unknown = [m for m in kd["losses"] if m not in kd["methods"]]
+    if unknown or not kd["losses"]:
+        raise C.ConfigError(f"kd.losses: unknown method(s) {unknown or '(none given)'}; known: {', '.join(kd['methods'])}")
+    bad = [m for m in kd["masks"] if m not in ("none", "omega")]
+    if bad or not kd["masks"]:
+        raise C.ConfigError(f"kd.masks: unknown mask(s) {bad or '(none given)'}; expected none or omega")
+    if a["mode"] not in experiment.MODES:
+        raise C.ConfigError(f"alg1.mode: expected one of {', '.join(experiment.MODES)}, got {a['mode']!r}")
+    if not 1 <= a["mask_dim"] <= d["x_dim"]:
+        raise C.ConfigError(f"alg1.mask_dim must lie in [1, data.x_dim={d['x_dim']}], got {a['mask_dim']}")
+    if cfg["runs"] < 1:
+        raise C.ConfigError(f"runs must be ≥ 1, got {cfg['runs']}")
+    if not d["overlaps"] or any(not isinstance(o, int) or not 0 <= o <= d["fixed_dim"] for o in d["overlaps"]):
+        raise C.ConfigError(f"data.overlaps must be integers in [0, fixed_dim={d['fixed_dim']}], got {d['overlaps']}")
+    if 2 * d["fixed_dim"] > min(d["x_dim"], d["n_features"]):
+        raise C.ConfigError(f"data: 2·fixed_dim={2 * d['fixed_dim']} real columns do not fit in x_dim={d['x_dim']} "
+                            f"/ n_features={d['n_features']}")
+    if d["n_classes"] < 3:
+        raise C.ConfigError(f"data.n_classes must be ≥ 3 (the non-target JS needs 3 classes), got {d['n_classes']}")
+    if not 0 < d["test_size"] < 1:
+        raise C.ConfigError(f"data.test_size must lie in (0, 1), got {d['test_size']}")
+    if d["scaler_fit"] not in ("train", "all"):
+        raise C.ConfigError(f"data.scaler_fit: expected train or all, got {d['scaler_fit']!r}")
+    if cfg["analysis"]["ncjsd_split"] not in ("train", "test"):
+        raise C.ConfigError(f"analysis.ncjsd_split: expected train or test, got {cfg['analysis']['ncjsd_split']!r}")
+    if cfg["analysis"]["js_variant"] not in ("textbook", "reference"):
+        raise C.ConfigError(f"analysis.js_variant: expected textbook or reference, got {cfg['analysis']['js_variant']!r}")
+    if cfg["threads"] < 0:
+        raise C.ConfigError(f"threads must be ≥ 0 (0 = torch's default), got {cfg['threads']}")
+    for key in ("train.epochs", "alg1.epochs", "alg1.repeats", "alg1.chunk_channels", "train.chunk_runs", "model.hidden"):
+        if C.get(cfg, key) < 1:
+            raise C.ConfigError(f"{key} must be ≥ 1, got {C.get(cfg, key)}")
+
+
+def run(cfg: dict, out: str | Path, device: str = "auto") -> tuple[RunDir, dict]:
+    """Run the sweep into a new run directory; returns it and the results."""
+    dev = C.resolve_device(device)
+    if cfg["threads"] > 0:
+        torch.set_num_threads(cfg["threads"])
+    seed_everything(cfg["seed"], cfg["deterministic"])
+    rd = RunDir.create(out, cfg["name"], config=cfg, code_from=HERE)
+    rd.log(f"run directory {rd.path}")
+    results = experiment.run_sweep(cfg, dev, log=rd.log)
+    rd.write_csv("summary.csv", results["rows"], experiment.CSV_COLUMNS)
+    plots = report.plot(results, rd.path)
+    sal = results["saliency"]
+    rd.write_summary({"experiment": "sklearn_exp", "config": cfg, "seconds": results["seconds"],
+                      "cpu_seconds": results["cpu_seconds"], "threads": results["threads"],
+                      "timings": results["timings"], "rows": results["rows"],
+                      "correlations": results["correlations"],
+                      "alg1": {"mode": results["mode"], "mask_dim": results["mask_dim"],
+                               "kept_x1": sal["kept_x1"], "kept_x2": sal["kept_x2"],
+                               "general_hits_x1": sal["general_hits_x1"].mean(1),
+                               "general_hits_x2": sal["general_hits_x2"].mean(1),
+                               "joint_teacher_acc": sal["joint_teacher_acc"].mean(1),
+                               "joint_student_acc": sal["joint_student_acc"].mean(1)},
+                      "plots": [p.name for p in plots]})
+    for r in results["rows"]:
+        tag = f"{r['loss']}_{r['mask']}"
+        rd.scalar(f"{tag}/delta_mean", r["delta_mean"], r["overlap_dim"])
+        rd.scalar(f"{tag}/kd_acc", r["kd_acc"], r["overlap_dim"])
+        rd.scalar(f"{tag}/masked_student_acc", r["masked_student_acc"], r["overlap_dim"])
+    rd.log(f"done in {results['seconds']:.1f} s; summary.csv, summary.json and plots in {rd.path}")
+    rd.close()
+    return rd, results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = resolve_config(args)
+    run(cfg, args.out, args.device)
+
+
+if __name__ == "__main__":
+    cli(main)

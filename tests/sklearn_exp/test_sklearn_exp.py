@@ -1,0 +1,194 @@
+"""sklearn_exp end to end: the fast trainer equals autograd, Alg. 1 finds the decisive columns, the masked-teacher
+path, the CLI and the CSV contract."""
+import copy
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import ConfigError, load_yaml
+from common.divergence import nontarget_js
+from common.kd import build_objective
+from common.saliency import joint_train
+from common.vectorized import cross_entropy_sum
+from common.vectorized import fit as autograd_fit
+from sklearn_exp import experiment, models
+from sklearn_exp import main as sk_main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors on a busy 2-core machine: a second intra-op thread only adds spin-wait overhead."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cfg_with(argv=(), **over):
+    cfg = sk_main.resolve_config(sk_main.parse_args(list(argv)))
+    cfg["progress"] = False
+    for k, v in over.items():
+        node = cfg
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return cfg
+
+
+def _max_diff(a, b):
+    return max((p - q).abs().max().item() for p, q in zip(a, b))
+
+
+def test_fast_trainer_equals_autograd_sgd():
+    g = torch.Generator().manual_seed(0)
+    R, N = 3, 300
+    x, x2 = torch.randn(R, 50, N, generator=g), torch.randn(R, 50, N, generator=g)
+    y = torch.randint(0, 4, (R, N), generator=g)
+    # cross-entropy (closed-form logit gradient, chunked backward)
+    a = models.two_layer_nn(50, 16, 4, R, [1, 2, 3])
+    b = copy.deepcopy(a)
+    autograd_fit(a, x, y, epochs=25, lr=0.05, momentum=0.5)
+    models.fit([b], [x], labels=y, epochs=25, lr=0.05, momentum=0.5, chunk=2)
+    assert _max_diff(a.parameters(), b.parameters()) < 1e-5
+    assert _max_diff(a.parameters(), models.two_layer_nn(50, 16, 4, R, [1, 2, 3]).parameters()) > 1e-3  # it trained
+    # a KD objective with ω and a trainable regressor
+    t = torch.randn(R, 4, N, generator=g)
+    obj = build_objective({"terms": {"ce": {"weight": 1.0}, "fitnet": {"weight": 0.1, "regressor": "bn_relu"},
+                                     "kl": {"weight": 1.0}}, "mask": "omega"}, runs=R,
+                          context={"student_dim": 4, "teacher_dim": 4})
+    obj2 = copy.deepcopy(obj)
+    a = models.two_layer_nn(50, 16, 4, R, [1, 2, 3])
+    b = copy.deepcopy(a)
+    autograd_fit(a, x, y, epochs=25, lr=0.05, objective=obj, teacher_out=t)
+    models.fit([b], [x], epochs=25, lr=0.05, loss_fn=lambda z: obj2(z[0], t, y)[0],
+               extra_params=list(obj2.parameters()), chunk=2)
+    assert _max_diff([*a.parameters(), *obj.parameters()], [*b.parameters(), *obj2.parameters()]) < 1e-5
+    # Alg. 1 joint training, against common.saliency.joint_train with the same run-summed loss
+    ta, sa = models.two_layer_nn(50, 16, 4, R, [1, 2, 3]), models.two_layer_nn(50, 16, 4, R, [4, 5, 6])
+    tb, sb = copy.deepcopy(ta), copy.deepcopy(sa)
+    loss = lambda zt, zs, yy: (cross_entropy_sum(zt, yy) + cross_entropy_sum(zs, yy)
+                               + nontarget_js(zs, zt, yy, dim=1).mean(-1).sum())
+    joint_train(ta, sa, lambda: [(x, x2, y)], epochs=25, lr=0.01, momentum=0.9, loss_fn=loss)
+    models.fit([tb, sb], [x, x2], epochs=25, lr=0.01, momentum=0.9, loss_fn=lambda z: loss(z[0], z[1], y))
+    assert _max_diff([*ta.parameters(), *sa.parameters()], [*tb.parameters(), *sb.parameters()]) < 1e-5
+    with pytest.raises(TypeError, match="BatchedLinear"):
+        models.fit([torch.nn.Linear(3, 2)], [x], labels=y, epochs=1, lr=0.1)
+
+
+def _alg1(mode, k=5):
+    cfg = cfg_with(**{"runs": 3, "data.n_samples": 1500, "data.overlaps": [10], "alg1.mode": mode,
+                      "alg1.mask_dim": k, "alg1.epochs": 150, "alg1.lr": 0.05, "alg1.repeats": 2,
+                      "alg1.chunk_channels": 25})
+    sweep = experiment.build_sweep(cfg)
+    return experiment.algorithm1(cfg, sweep, "textbook", log=lambda *_: None), sweep
+
+
+def test_alg1_ranks_decisive_columns_first_and_reverse_last():
+    out, sweep = _alg1("alg1")
+    decisive = sweep.layout.x1_decisive(10)
+    sal = out["saliency_x1"]                                                   # (3 runs, 50)
+    assert sal.shape == (3, 50) and torch.all((sal >= 0) & (sal <= 1))
+    noise = [c for c in range(50) if c not in decisive]
+    # nearly every decisive column is more salient than every noise column's typical value
+    assert (sal[:, decisive].median(1).values > sal[:, noise].quantile(0.9, dim=1)).all()
+    assert out["hits_x1"].mean() >= 4.5 and out["hits_x2"].mean() >= 4.5      # of 5 kept columns
+    # reverse keeps the least salient columns: mostly noise (chance would be 5·20/50 = 2 decisive; a few real
+    # make_classification features carry almost no class information, so 0 is not guaranteed)
+    rev = experiment.kept_columns(sal, "reverse", 5, torch.Generator().manual_seed(0))
+    assert np.isin(rev.numpy(), decisive).sum(1).mean() <= 1.0
+    # random keeps 5 distinct columns
+    rnd = experiment.kept_columns(sal, "random", 5, torch.Generator().manual_seed(0))
+    assert all(len(set(row.tolist())) == 5 for row in rnd)
+
+
+def test_kept_columns_and_masked_teacher_inputs():
+    sal = torch.tensor([[0.1, 0.9, 0.5, 0.0, 0.7], [0.3, 0.2, 0.1, 0.8, 0.6]])
+    gen = torch.Generator().manual_seed(0)
+    assert experiment.kept_columns(sal, "alg1", 2, gen).tolist() == [[1, 4], [3, 4]]
+    assert experiment.kept_columns(sal, "reverse", 2, gen).tolist() == [[0, 3], [1, 2]]
+    assert experiment.kept_columns(sal, "alg1", 5, gen).tolist() == [list(range(5))] * 2
+    with pytest.raises(ValueError, match="mask_dim"):
+        experiment.kept_columns(sal, "alg1", 0, gen)
+    x = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
+    kept = torch.tensor([[1, 4], [0, 3]])
+    got = experiment.gather_columns(x, kept)
+    assert torch.equal(got[0], x[0, [1, 4]]) and torch.equal(got[1], x[1, [0, 3]])
+    # Hits count the kept columns inside each setting's ground truth
+    assert experiment.hits(torch.tensor([[20, 45], [0, 1]]), [list(range(20, 40)), list(range(20))], 1).tolist() \
+        == [[1.0], [2.0]]
+
+
+def test_end_to_end_every_method_and_mask(tmp_path):
+    args = sk_main.parse_args(["--runs", "2", "--losses", "all", "--masks", "none,omega", "--out", str(tmp_path),
+                               "--mode", "reverse", "--mask-dim", "3",
+                               "--set", "train.epochs=8", "--set", "alg1.epochs=8", "--set", "alg1.repeats=1",
+                               "--set", "data.n_samples=500", "--set", "data.overlaps=[20,0]",
+                               "--set", "alg1.chunk_channels=50", "--set", "progress=false",
+                               "--set", "kd.methods.crd.crd.nce_k=100"])
+    cfg = sk_main.resolve_config(args)
+    run_dir, results = sk_main.run(cfg, args.out, "cpu")
+    rows = list(csv.DictReader(open(run_dir.path / "summary.csv")))
+    assert list(rows[0]) == experiment.CSV_COLUMNS
+    assert len(rows) == 7 * 2 * 2  # methods × masks × γ
+    for r in rows:
+        for k in ("teacher_acc", "no_kd_acc", "kd_acc", "masked_teacher_acc", "masked_student_acc"):
+            assert 0 <= float(r[k]) <= 1
+        assert np.isfinite(float(r["delta_mean"])) and float(r["ncjsd"]) >= 0 and float(r["cmd_input"]) > 0
+        assert 0 <= float(r["saliency_hits_x1"]) <= 3 and 0 <= float(r["saliency_hits_x2"]) <= 3
+    # the input CMD is that of the KD data: x1 == x2 on the shared columns makes γ = 1 the closer pair
+    assert float(rows[0]["cmd_input"]) < float(rows[1]["cmd_input"])
+    summary = json.loads((run_dir.path / "summary.json").read_text())
+    assert len(summary["correlations"]) == 14 and summary["alg1"]["mode"] == "reverse"
+    assert np.array(summary["alg1"]["kept_x1"]).shape == (2, 2, 3)
+    for name in ["accuracy_vs_gamma.png", "delta_vs_gamma.png", "delta_vs_ncjsd.png", "saliency_run0.png"]:
+        assert (run_dir.path / name).stat().st_size > 1000
+    assert (run_dir.path / "code" / "main.py").exists() and (run_dir.path / "log" / "config.yaml").exists()
+    from sklearn_exp import report
+    md = report.section(results, run_dir.path, tmp_path)
+    assert "saliency_run0.png" in md and "| rkd | omega |" in md
+
+
+def test_masked_teacher_on_decisive_columns_learns_and_kd_from_it_runs():
+    cfg = cfg_with(**{"runs": 2, "data.n_samples": 1500, "data.overlaps": [20], "train.epochs": 150,
+                      "train.lr": 0.2, "alg1.epochs": 150, "alg1.lr": 0.05, "alg1.repeats": 2,
+                      "alg1.mask_dim": 10, "alg1.chunk_channels": 25})
+    res = experiment.run_sweep(cfg, torch.device("cpu"), log=lambda *_: None)
+    row = res["rows"][0]
+    assert row["saliency_hits_x1"] >= 9                       # the kept columns are (almost) all decisive
+    assert row["masked_teacher_acc"] > 0.5 and row["teacher_acc"] > 0.5   # 4 classes: chance is 0.25
+    assert row["masked_student_acc"] > 0.4
+    # γ = 1: x2 holds every decisive column of x1, so KD from the teacher does not hurt much
+    assert row["delta_mean"] > -3.0
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "sklearn_exp" / "main.py"), "--out", str(tmp_path),
+                           "--set", "train.lrr=1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "unknown key 'train.lrr'" in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
+    for extra, needle in [(["--mode", "best"], "alg1.mode"), (["--mask-dim", "60"], "mask_dim"),
+                          (["--losses", "kll"], "unknown method"), (["--masks", "sometimes"], "unknown mask"),
+                          (["--set", "data.overlaps=[25]"], "data.overlaps"), (["--runs", "0"], "runs")]:
+        with pytest.raises(ConfigError, match=needle):
+            sk_main.resolve_config(sk_main.parse_args(extra))
+
+
+def test_default_config_is_the_reference_default_and_parity_restores_the_reference_data():
+    cfg = load_yaml(ROOT / "sklearn_exp" / "config.yaml")
+    assert cfg["runs"] == 10 and cfg["kd"]["losses"] == ["kl"] and cfg["kd"]["masks"] == ["none"]
+    assert cfg["data"]["overlaps"] == [20, 15, 10, 5, 0] and cfg["train"]["lr"] == 0.01
+    assert cfg["train"]["epochs"] == 1000 and cfg["alg1"]["mask_dim"] == 2 and cfg["alg1"]["repeats"] == 10
+    assert cfg["kd"]["methods"]["dkd"]["dkd"] == {"weight": 1.0, "alpha": 16.0, "beta": 1.0, "temperature": 0.7}
+    fixed = cfg_with(["--runs", "3"])
+    parity = cfg_with(["--runs", "3", "--parity"])
+    assert experiment.data_seeds(fixed) == [42, 43, 44] and experiment.data_seeds(parity) == [42, 42, 42]
