@@ -1,5 +1,6 @@
-"""The NTDH Gaussian sweep: for every γ, a teacher on x1, a no-KD baseline on x2 and one KD student per
-(method, mask) on x2 — all runs of all γ trained as one batched computation (common.vectorized).
+"""The Gaussian sweeps (NTDH / MFH γ sweep, MFH α sweep): for every setting, a teacher on x1, a no-KD baseline on x2
+and one KD student per (method, mask) on x2 — all runs of all settings trained as one batched computation
+(common.vectorized).
 """
 from __future__ import annotations
 
@@ -17,6 +18,13 @@ from gauss import data
 
 CSV_COLUMNS = ["loss", "mask", "gamma", "overlap_dim", "runs", "teacher_acc", "no_kd_acc", "kd_acc", "delta_mean",
                "delta_std", "ncjsd", "cmd_input", "cmd_output"]
+# increase_alpha: the swept quantity is α (and the teacher-exclusive dims xs1); γ = 1 − α and overlap_dim = xs2
+ALPHA_CSV_COLUMNS = ["loss", "mask", "alpha", "gamma", "exclusive_dim", *CSV_COLUMNS[3:]]
+SWEEP_GENERATORS = ("increase_gamma", "increase_alpha")
+
+
+def csv_columns(generator: str) -> list[str]:
+    return ALPHA_CSV_COLUMNS if generator == "increase_alpha" else CSV_COLUMNS
 
 
 @dataclass
@@ -39,12 +47,20 @@ class Sweep:
 def build_sweep(cfg: dict) -> Sweep:
     d = cfg["data"]
     seeds = [cfg["seed"] + r for r in range(cfg["runs"])]
-    if d["generator"] != "increase_gamma":
-        raise ValueError(f"data.generator {d['generator']!r} is not known to this sweep")
-    train, test = data.increase_gamma(seeds, d["overlaps"], n_train=d["n_train"], n_test=d["n_test"],
-                                      x1_dim=d["x1_dim"], x2_dim=d["x2_dim"], xs1_dim=d["xs1_dim"],
-                                      xs2_dim=d["xs2_dim"], a_dim=d["a_dim"])
-    settings = [{"gamma": data.gamma_of(ov, d["xs1_dim"], d["xs2_dim"]), "overlap_dim": ov} for ov in d["overlaps"]]
+    common = dict(n_train=d["n_train"], n_test=d["n_test"], x1_dim=d["x1_dim"], x2_dim=d["x2_dim"],
+                  xs2_dim=d["xs2_dim"], a_dim=d["a_dim"], decision=d["decision"])
+    if d["generator"] == "increase_gamma":
+        train, test = data.increase_gamma(seeds, d["overlaps"], xs1_dim=d["xs1_dim"], **common)
+        settings = [{"gamma": data.gamma_of(ov, d["xs1_dim"], d["xs2_dim"]), "overlap_dim": ov}
+                    for ov in d["overlaps"]]
+    elif d["generator"] == "increase_alpha":
+        train, test = data.increase_alpha(seeds, d["exclusive_dims"], **common)
+        settings = []
+        for xs1 in d["exclusive_dims"]:
+            alpha = data.alpha_of(xs1, d["xs2_dim"])
+            settings.append({"alpha": alpha, "gamma": 1.0 - alpha, "exclusive_dim": xs1, "overlap_dim": d["xs2_dim"]})
+    else:
+        raise ValueError(f"data.generator {d['generator']!r} is not a sweep; expected one of {SWEEP_GENERATORS}")
     return Sweep(settings, cfg["runs"], train, test)
 
 
@@ -97,7 +113,7 @@ def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
         teacher_train = teacher(tr.x1)
         teacher_acc = sweep.per_setting(accuracy(teacher(te.x1), te.y))
         no_kd_acc = sweep.per_setting(accuracy(baseline(te.x2), te.y))
-        cmd_input = sweep.per_setting(D.cmd(tr.x1.transpose(1, 2), tr.x2.transpose(1, 2), moments))
+        cmd_input = input_cmd(tr, moments, sweep)
 
     rows, per_run = [], {}
     for method in cfg["kd"]["losses"]:
@@ -112,8 +128,7 @@ def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
             delta = (kd_acc - no_kd_acc) * 100
             per_run[f"{method}/{mask}"] = {"delta": delta, "ncjsd": ncjsd, "kd_acc": kd_acc}
             for s, setting in enumerate(sweep.settings):
-                rows.append({"loss": method, "mask": mask, "gamma": setting["gamma"],
-                             "overlap_dim": setting["overlap_dim"], "runs": sweep.runs,
+                rows.append({"loss": method, "mask": mask, **setting, "runs": sweep.runs,
                              "teacher_acc": teacher_acc[s].mean(), "no_kd_acc": no_kd_acc[s].mean(),
                              "kd_acc": kd_acc[s].mean(), "delta_mean": delta[s].mean(), "delta_std": delta[s].std(),
                              "ncjsd": ncjsd[s].mean(), "cmd_input": cmd_input[s].mean(),
@@ -127,6 +142,14 @@ def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
             "seconds": time.perf_counter() - started}
 
 
+def input_cmd(split: data.Split, moments: int, sweep: Sweep) -> np.ndarray:
+    """CMD between the raw x1 and x2 per run; undefined (NaN) when the modalities have different widths (MFH's
+    25-d teacher vs 50-d student)."""
+    if split.x1.shape[1] != split.x2.shape[1]:
+        return np.full((len(sweep.settings), sweep.runs), np.nan)
+    return sweep.per_setting(D.cmd(split.x1.transpose(1, 2), split.x2.transpose(1, 2), moments))
+
+
 def spearman(x: np.ndarray, y: np.ndarray) -> dict:
     """Rank correlation over every run of every setting, and over the per-setting means."""
     rho, p = stats.spearmanr(x.ravel(), y.ravel())
@@ -135,12 +158,14 @@ def spearman(x: np.ndarray, y: np.ndarray) -> dict:
 
 
 def format_table(rows: list[dict], method: str, mask: str) -> str:
-    head = (f"\n{method} (mask {mask}), {rows[0]['runs']} runs\n"
+    alpha = "alpha" in rows[0]
+    head = (f"\n{method} (mask {mask}), {rows[0]['runs']} runs\n" + (f"{'alpha':>6} " if alpha else "") +
             f"{'gamma':>6} {'teacher':>8} {'no-KD':>8} {'KD':>8} {'Delta (pts)':>15} {'CMD in':>8} {'CMD out':>8} "
             f"{'nc-JS':>8}")
     lines = [head, "-" * len(head.splitlines()[-1])]
     for r in rows:
-        lines.append(f"{r['gamma']:6.2f} {r['teacher_acc']:8.4f} {r['no_kd_acc']:8.4f} {r['kd_acc']:8.4f} "
+        lines.append((f"{r['alpha']:6.2f} " if alpha else "") +
+                     f"{r['gamma']:6.2f} {r['teacher_acc']:8.4f} {r['no_kd_acc']:8.4f} {r['kd_acc']:8.4f} "
                      f"{r['delta_mean']:+7.2f} ± {r['delta_std']:5.2f} {r['cmd_input']:8.2f} {r['cmd_output']:8.4f} "
                      f"{r['ncjsd']:8.5f}")
     return "\n".join(lines)

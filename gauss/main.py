@@ -1,7 +1,8 @@
-"""NTDH synthetic Gaussian experiment: `python main.py` (in this folder) or `python gauss/main.py`.
+"""NTDH / MFH synthetic Gaussian experiments: `python main.py` (in this folder) or `python gauss/main.py`.
 
-    python main.py                                   # reference default: KL, no mask, 100 runs × 6 γ
+    python main.py                                   # reference default (= --preset ntdh): KL, no mask, 100 runs × 6 γ
     python main.py --losses all --masks none,omega   # the full table
+    python main.py --preset mfh_gamma                # MFH Figure 2; also mfh_alpha (Figure 3), mfh_modify_gamma (Table 2)
     python main.py --runs 20 --set train.epochs=500 --out /tmp/runs
 """
 from __future__ import annotations
@@ -17,28 +18,42 @@ import torch  # noqa: E402
 
 from common import config as C  # noqa: E402
 from common.run import RunDir, cli, seed_everything  # noqa: E402
-from gauss import experiment, report  # noqa: E402
+from gauss import data, experiment, modify, report  # noqa: E402
+
+PRESETS = HERE / "configs"
+GENERATORS = (*experiment.SWEEP_GENERATORS, "modify_gamma")
+FLAGS = {"runs": "runs", "losses": "kd.losses", "masks": "kd.masks", "parity": "parity"}
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
 
 
 def parse_args(argv=None):
     p = C.base_parser(__doc__.splitlines()[0])
     p.set_defaults(out=str(HERE / "runs"))
+    p.add_argument("--preset", help=f"a configuration of configs/ ({', '.join(presets())}), applied before --config")
     p.add_argument("--runs", type=int, help="independent runs (seeds) per γ")
     p.add_argument("--losses", help="comma-separated KD methods from kd.methods, or 'all'")
     p.add_argument("--masks", help="comma-separated masks: none, omega")
     p.add_argument("--parity", action="store_const", const=True,
-                   help="reproduce the reference's number-changing behaviours (reversed JS, ω not detached)")
+                   help="reproduce the reference's number-changing behaviours (reversed JS, ω not detached; "
+                        "mfh_modify_gamma: regular KD with swapped inputs, random columns with replacement)")
     return p.parse_args(argv)
 
 
 def resolve_config(args) -> dict:
     defaults = HERE / "config.yaml"
+    preset = getattr(args, "preset", None)
+    if preset is not None and preset not in presets():
+        raise C.ConfigError(f"--preset: unknown preset {preset!r}; available: {', '.join(presets())}")
     methods = [k for k in C.load_yaml(defaults)["kd"]["methods"] if k != "_open"]
     if args.losses is not None:
         args.losses = methods if args.losses.strip() == "all" else [s.strip() for s in args.losses.split(",") if s]
     if args.masks is not None:
         args.masks = [s.strip() for s in args.masks.split(",") if s.strip()]
-    cfg = C.resolve(defaults, args, {"runs": "runs", "losses": "kd.losses", "masks": "kd.masks", "parity": "parity"})
+    # config.yaml ← preset ← --config ← --set ← flags, each layer validated against config.yaml
+    cfg = C.resolve(defaults, args, FLAGS, layers=[PRESETS / f"{preset}.yaml"] if preset else [])
     unknown = [m for m in cfg["kd"]["losses"] if m not in cfg["kd"]["methods"]]
     if unknown:
         raise C.ConfigError(f"kd.losses: unknown method(s) {unknown}; known: {', '.join(cfg['kd']['methods'])}")
@@ -47,25 +62,92 @@ def resolve_config(args) -> dict:
         raise C.ConfigError(f"kd.masks: unknown mask(s) {bad}; expected none or omega")
     if cfg["runs"] < 1:
         raise C.ConfigError(f"runs must be ≥ 1, got {cfg['runs']}")
+    check(cfg)
     return cfg
+
+
+def check(cfg: dict) -> None:
+    """The knobs the schema's types cannot check, as one-line ConfigErrors before anything is written."""
+    d, m, a = cfg["data"], cfg["modify"], cfg["modify"]["alg1"]
+
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise C.ConfigError(msg)
+
+    need(d["generator"] in GENERATORS, f"data.generator: expected one of {', '.join(GENERATORS)}, got {d['generator']!r}")
+    need(d["decision"] in ("randn", "ones"), f"data.decision: expected randn or ones, got {d['decision']!r}")
+    need(bool(cfg["kd"]["losses"]) and bool(cfg["kd"]["masks"]), "kd.losses and kd.masks must not be empty")
+    for key in ("n_train", "n_test", "x1_dim", "x2_dim", "xs2_dim"):
+        need(d[key] >= 1, f"data.{key} must be ≥ 1, got {d[key]}")
+    need(cfg["train"]["epochs"] >= 1 and cfg["train"]["lr"] > 0, "train.epochs must be ≥ 1 and train.lr > 0")
+    need(cfg["threads"] >= 0, f"threads must be ≥ 0 (0 = torch's default), got {cfg['threads']}")
+    settings = {"increase_gamma": "overlaps", "increase_alpha": "exclusive_dims", "modify_gamma": "xs2_dims"}
+    key = settings[d["generator"]]
+    need(bool(d[key]) and all(isinstance(v, int) and not isinstance(v, bool) for v in d[key]),
+         f"data.{key}: expected a non-empty list of integers, got {d[key]!r}")
+    if d["generator"] == "modify_gamma":
+        need(bool(m["modes"]) and all(x in modify.MODES for x in m["modes"]) and len(set(m["modes"])) == len(m["modes"]),
+             f"modify.modes: expected distinct entries of {', '.join(modify.MODES)}, got {m['modes']!r}")
+        need(a["distance"] in modify.DISTANCES, f"modify.alg1.distance: expected one of {', '.join(modify.DISTANCES)} "
+             f"(the non-target JS is identically 0 with two classes), got {a['distance']!r}")
+        need(a["op"] in modify.OPS, f"modify.alg1.op: expected one of {', '.join(modify.OPS)}, got {a['op']!r}")
+        need(a["engine"] in modify.ENGINES,
+             f"modify.alg1.engine: expected one of {', '.join(modify.ENGINES)}, got {a['engine']!r}")
+        need(a["epochs"] >= 1 and a["repeats"] >= 1 and a["lr"] > 0,
+             "modify.alg1: epochs and repeats must be ≥ 1 and lr > 0")
+        need(not cfg["parity"] or d["x1_dim"] == d["x2_dim"], "parity with modify_gamma swaps x1 and x2 for the "
+             f"regular KD student, so it needs x1_dim == x2_dim, got {d['x1_dim']} and {d['x2_dim']}")
+    # the generators' own checks (dimensions that must fit), on a one-sample draw
+    small = dict(n_train=1, n_test=1, x1_dim=d["x1_dim"], x2_dim=d["x2_dim"], a_dim=d["a_dim"], decision=d["decision"])
+    try:
+        if d["generator"] == "increase_gamma":
+            data.increase_gamma([0], d["overlaps"], xs1_dim=d["xs1_dim"], xs2_dim=d["xs2_dim"], **small)
+        elif d["generator"] == "increase_alpha":
+            data.increase_alpha([0], d["exclusive_dims"], xs2_dim=d["xs2_dim"], **small)
+        else:
+            data.modify_gamma([0], d["xs2_dims"], xs1_dim=d["xs1_dim"], **small)
+    except ValueError as e:
+        raise C.ConfigError(f"data ({d['generator']}): {e}") from None
 
 
 def run(cfg: dict, out: str | Path, device: str = "auto") -> tuple[RunDir, dict]:
     """Run the sweep into a new run directory; returns it and the results."""
     dev = C.resolve_device(device)
     seed_everything(cfg["seed"], cfg["deterministic"])
+    threads = torch.get_num_threads()
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    try:
+        return _run(cfg, out, dev)
+    finally:
+        torch.set_num_threads(threads)  # the setting is process-wide: give the caller (tests, reproduce) its own back
+
+
+def _run(cfg: dict, out, dev: torch.device) -> tuple[RunDir, dict]:
     rd = RunDir.create(out, cfg["name"], config=cfg, code_from=HERE)
     rd.log(f"run directory {rd.path}")
-    results = experiment.run_sweep(cfg, dev, log=rd.log)
-    rd.write_csv("summary.csv", results["rows"], experiment.CSV_COLUMNS)
-    plots = report.plot(results, rd.path)
-    rd.write_summary({"experiment": "gauss", "config": cfg, "seconds": results["seconds"],
-                      "rows": results["rows"], "correlations": results["correlations"],
-                      "plots": [p.name for p in plots]})
+    generator = cfg["data"]["generator"]
+    if generator == "modify_gamma":
+        results = modify.run_table(cfg, dev, log=rd.log)
+        rd.write_csv("summary.csv", results["rows"], modify.CSV_COLUMNS)
+        plots = report.plot_modify(results, rd.path)
+        extra = {"identification": results["identification"], "chance": results["chance"]}
+    else:
+        results = experiment.run_sweep(cfg, dev, log=rd.log)
+        rd.write_csv("summary.csv", results["rows"], experiment.csv_columns(generator))
+        plots = report.plot(results, rd.path)
+        extra = {"correlations": results["correlations"]}
+    rd.write_summary({"experiment": "gauss", "generator": generator, "config": cfg, "seconds": results["seconds"],
+                      "rows": results["rows"], **extra, "plots": [p.name for p in plots]})
     for r in results["rows"]:
-        tag = f"{r['loss']}_{r['mask']}"
-        rd.scalar(f"{tag}/delta_mean", r["delta_mean"], r["overlap_dim"])
-        rd.scalar(f"{tag}/kd_acc", r["kd_acc"], r["overlap_dim"])
+        if generator == "modify_gamma":
+            tag = f"{r['loss']}_{r['mask']}_{r['mode']}"
+            rd.scalar(f"{tag}/student_diff_mean", r["student_diff_mean"], r["xs2_dim"])
+            rd.scalar(f"{tag}/mg_kd_acc", r["mg_kd_acc"], r["xs2_dim"])
+            continue
+        tag, step = f"{r['loss']}_{r['mask']}", r.get("exclusive_dim", r["overlap_dim"])
+        rd.scalar(f"{tag}/delta_mean", r["delta_mean"], step)
+        rd.scalar(f"{tag}/kd_acc", r["kd_acc"], step)
     rd.log(f"done in {results['seconds']:.1f} s; summary.csv, summary.json and plots in {rd.path}")
     rd.close()
     return rd, results

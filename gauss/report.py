@@ -1,4 +1,8 @@
-"""Plots of a gauss sweep and its section of results/REPORT.md (numbers taken from the run)."""
+"""Plots of the gauss presets and their sections of results/REPORT.md (numbers taken from the run).
+
+`make reproduce` runs the NTDH default, `--preset mfh_gamma` (MFH Figure 2) and `--preset mfh_modify_gamma` (MFH
+Table 2) into results/gauss/ and writes one paragraph per plot.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,18 +19,27 @@ def _by_method(rows):
     return methods
 
 
+def _axis(rows) -> tuple[str, str, str]:
+    """(row key, file-name word, axis label) of the swept quantity: α for the increase-α sweep, else γ."""
+    if "alpha" in rows[0]:
+        return "alpha", "alpha", "α (teacher-exclusive / teacher decisive dims)"
+    return "gamma", "gamma", "γ (shared / union decisive dims)"
+
+
 def plot(results: dict, out_dir) -> list[Path]:
     out_dir = Path(out_dir)
     methods = _by_method(results["rows"])
     first = next(iter(methods.values()))
-    gammas = [r["gamma"] for r in first]
+    key, word, label = _axis(first)
+    sym = "α" if key == "alpha" else "γ"
+    xs = [r[key] for r in first]
     acc = {"teacher (x1)": ([r["teacher_acc"] for r in first],), "no-KD student (x2)": ([r["no_kd_acc"] for r in first],)}
     acc.update({f"KD {k}": ([r["kd_acc"] for r in v],) for k, v in methods.items()})
-    paths = [plots.line_plot(out_dir / "accuracy_vs_gamma.png", gammas, acc, xlabel="γ (shared / union decisive dims)",
-                             ylabel="test accuracy", title="Accuracy vs γ")]
+    paths = [plots.line_plot(out_dir / f"accuracy_vs_{word}.png", xs, acc, xlabel=label,
+                             ylabel="test accuracy", title=f"Accuracy vs {sym}")]
     delta = {k: ([r["delta_mean"] for r in v], [r["delta_std"] for r in v]) for k, v in methods.items()}
-    paths.append(plots.line_plot(out_dir / "delta_vs_gamma.png", gammas, delta, xlabel="γ",
-                                 ylabel="Delta = KD − no-KD (points)", title="KD gain vs γ (mean ± std over runs)",
+    paths.append(plots.line_plot(out_dir / f"delta_vs_{word}.png", xs, delta, xlabel=sym,
+                                 ylabel="Delta = KD − no-KD (points)", title=f"KD gain vs {sym} (mean ± std over runs)",
                                  hline=0.0))
     scatter, means = {}, {}
     for key, v in results["per_run"].items():
@@ -48,48 +61,163 @@ def markdown_table(rows) -> str:
     return "\n".join([head, *body])
 
 
-def section(results: dict, run_dir: Path, rel_to: Path) -> str:
+def section(results: dict, run_dir: Path, rel_to: Path, title: str = "## NTDH synthetic Gaussian (`gauss`)") -> str:
     """Markdown for REPORT.md; image links relative to `rel_to` (the report's folder)."""
     rel = lambda name: (Path(run_dir) / name).relative_to(rel_to).as_posix()
     methods = _by_method(results["rows"])
-    lines = ["## NTDH synthetic Gaussian (`gauss`)", "",
-             f"{results['rows'][0]['runs']} runs per γ, {len(results['settings'])} values of γ; "
+    key_x, word, _ = _axis(results["rows"])
+    sym = "α" if key_x == "alpha" else "γ"
+    lines = [title, "",
+             f"{results['rows'][0]['runs']} runs per {sym}, {len(results['settings'])} values of {sym}; "
              f"the whole sweep took {results['seconds']:.1f} s. Run directory: `{Path(run_dir).relative_to(rel_to.parent).as_posix()}`.",
              "", markdown_table(results["rows"]), "",
-             f"![accuracy vs gamma]({rel('accuracy_vs_gamma.png')})", ""]
+             f"![accuracy vs gamma]({rel(f'accuracy_vs_{word}.png')})", ""]
     for key, rows in methods.items():
         lo, hi = rows[0], rows[-1]
         trend = "rises" if hi["delta_mean"] > lo["delta_mean"] else "does not rise"
-        lines.append(f"**Accuracy vs γ, {key}.** The teacher goes from {lo['teacher_acc']:.3f} to {hi['teacher_acc']:.3f} "
+        lines.append(f"**Accuracy vs {sym}, {key}.** The teacher goes from {lo['teacher_acc']:.3f} to {hi['teacher_acc']:.3f} "
                      f"and the no-KD student stays at {lo['no_kd_acc']:.3f}, while the KD student goes from "
-                     f"{lo['kd_acc']:.3f} (γ = {lo['gamma']:.2f}) to {hi['kd_acc']:.3f} (γ = {hi['gamma']:.2f}).")
+                     f"{lo['kd_acc']:.3f} ({sym} = {lo[key_x]:.2f}) to {hi['kd_acc']:.3f} ({sym} = {hi[key_x]:.2f}).")
         lines.append("")
-    lines += [f"![delta vs gamma]({rel('delta_vs_gamma.png')})", ""]
+    lines += [f"![delta vs gamma]({rel(f'delta_vs_{word}.png')})", ""]
     for key, rows in methods.items():
         lo, hi = rows[0], rows[-1]
         sign = lambda d: "hurts" if d < 0 else "helps"
-        lines.append(f"**Delta vs γ, {key}.** Delta {('rises' if hi['delta_mean'] > lo['delta_mean'] else 'falls')} "
-                     f"from {lo['delta_mean']:+.2f} ± {lo['delta_std']:.2f} points at γ = {lo['gamma']:.2f} (KD "
-                     f"{sign(lo['delta_mean'])}) to {hi['delta_mean']:+.2f} ± {hi['delta_std']:.2f} at γ = "
-                     f"{hi['gamma']:.2f} (KD {sign(hi['delta_mean'])}).")
+        lines.append(f"**Delta vs {sym}, {key}.** Delta {('rises' if hi['delta_mean'] > lo['delta_mean'] else 'falls')} "
+                     f"from {lo['delta_mean']:+.2f} ± {lo['delta_std']:.2f} points at {sym} = {lo[key_x]:.2f} (KD "
+                     f"{sign(lo['delta_mean'])}) to {hi['delta_mean']:+.2f} ± {hi['delta_std']:.2f} at {sym} = "
+                     f"{hi[key_x]:.2f} (KD {sign(hi['delta_mean'])}).")
         lines.append("")
     lines += [f"![delta vs non-target JS]({rel('delta_vs_ncjsd.png')})", ""]
     for key, c in results["correlations"].items():
         per = results["per_run"][key]
         lines.append(f"**Delta vs non-target JS, {key}.** Over all {c['n']} runs the Spearman rank correlation "
                      f"between the teacher–student non-target JS and Delta is ρ = {c['rho']:+.3f} (p = {c['p']:.2g}); "
-                     f"over the γ means ρ = {c['rho_means']:+.3f}. The mean divergence goes from "
-                     f"{np.mean(per['ncjsd'][0]):.4f} to {np.mean(per['ncjsd'][-1]):.4f} across γ. A negative ρ is "
+                     f"over the {sym} means ρ = {c['rho_means']:+.3f}. The mean divergence goes from "
+                     f"{np.mean(per['ncjsd'][0]):.4f} to {np.mean(per['ncjsd'][-1]):.4f} across {sym}. A negative ρ is "
                      f"what NTDH predicts: the smaller the non-target divergence, the larger the KD gain. With two "
                      f"classes the divergence is that of the non-target mass 1 − p_y (see README).")
         lines.append("")
     return "\n".join(lines)
 
 
+def _modify_keys(results: dict) -> dict[str, str]:
+    """loss/mask → file-name suffix ("" when there is one combination)."""
+    keys = list(results["per_run"])
+    return {k: ("" if len(keys) == 1 else "_" + k.replace("/", "_")) for k in keys}
+
+
+def plot_modify(results: dict, out_dir) -> list[Path]:
+    """MFH Table 2 as grouped bars (students; teachers) per xs2, and Algorithm 1's identification accuracy."""
+    out_dir = Path(out_dir)
+    groups = [f"xs2={s['xs2_dim']}\nγ={s['gamma']:.2f}" for s in results["settings"]]
+    modes, paths = results["modes"], []
+    ms = lambda v: (v.mean(-1), v.std(-1))   # (S, R) → mean, std over runs
+    for key, suffix in _modify_keys(results).items():
+        res = results["per_run"][key]
+        gain = lambda acc: (acc - res["no_kd_acc"][0]) * 100   # points over the no-KD student, per run
+        students = {"regular KD": ms(gain(res["regular_kd_acc"][0]))}
+        students.update({f"modality-general KD ({m})": ms(gain(res["mg_kd_acc"][i])) for i, m in enumerate(modes)})
+        paths.append(plots.grouped_bars(out_dir / f"table2_students{suffix}.png", groups, students,
+                                        ylabel="student accuracy − no-KD (points)",
+                                        title=f"MFH Table 2: KD students vs no-KD, {key} (mean ± std over runs)"))
+        teachers = {"regular teacher (all x1)": ms(res["regular_teacher_acc"][0])}
+        teachers.update({f"modality-general teacher ({m})": ms(res["mg_teacher_acc"][i]) for i, m in enumerate(modes)})
+        paths.append(plots.grouped_bars(out_dir / f"table2_teachers{suffix}.png", groups, teachers,
+                                        ylabel="teacher test accuracy (x1)",
+                                        title="MFH Table 2: teachers (mean ± std over runs)"))
+    ident = results["identification"]
+    if ident["x1"] is not None:
+        xs = [s["xs2_dim"] for s in results["settings"]]
+        series = {"x1 (used for the teacher)": (ident["x1"].mean(1), ident["x1"].std(1))}
+        if ident["x2"] is not None:
+            series["x2"] = (ident["x2"].mean(1), ident["x2"].std(1))
+        series["chance (random columns)"] = (results["chance"],)
+        paths.append(plots.line_plot(out_dir / "alg1_identification.png", xs, series, xlabel="xs2 (shared decisive dims)",
+                                     ylabel="share of the true shared columns found",
+                                     title="Algorithm 1: identification accuracy (top-xs2 saliency)"))
+    return paths
+
+
+def markdown_modify_table(rows) -> str:
+    head = ("| method | mode | xs2 | γ | teacher reg | teacher mg | no-KD | KD reg | KD mg | teacher diff (pts) | "
+            "student diff (pts) | Alg. 1 id x1 |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    body = [f"| {r['loss']}/{r['mask']} | {r['mode']} | {r['xs2_dim']} | {r['gamma']:.2f} | "
+            f"{r['regular_teacher_acc']:.4f} | {r['mg_teacher_acc']:.4f} | {r['no_kd_acc']:.4f} | "
+            f"{r['regular_kd_acc']:.4f} | {r['mg_kd_acc']:.4f} | {r['teacher_diff_mean']:+.2f} ± "
+            f"{r['teacher_diff_std']:.2f} | {r['student_diff_mean']:+.2f} ± {r['student_diff_std']:.2f} | "
+            f"{'–' if r['alg1_x1_id_acc'] is None else format(r['alg1_x1_id_acc'], '.3f')} |" for r in rows]
+    return "\n".join([head, *body])
+
+
+def section_modify(results: dict, run_dir: Path, rel_to: Path, title: str) -> str:
+    """The MFH Table 2 section of REPORT.md: the table, then one paragraph per plot with the run's numbers."""
+    rel = lambda name: (Path(run_dir) / name).relative_to(rel_to).as_posix()
+    modes, settings = results["modes"], results["settings"]
+    lines = [title, "", f"{results['rows'][0]['runs']} runs per xs2, {len(settings)} values of xs2, modes "
+             f"{', '.join(modes)}; the whole table took {results['seconds']:.1f} s. Run directory: "
+             f"`{Path(run_dir).relative_to(rel_to.parent).as_posix()}`.", "", markdown_modify_table(results["rows"]), ""]
+    for key, suffix in _modify_keys(results).items():
+        res = results["per_run"][key]
+        reg = res["regular_kd_acc"][0].mean(-1)
+        mg = {m: res["mg_kd_acc"][i].mean(-1) for i, m in enumerate(modes)}
+        diff = {m: res["student_diff"][i].mean(-1) for i, m in enumerate(modes)}
+        wins = {m: int((res["student_diff"][i].mean(-1) > 0).sum()) for i, m in enumerate(modes)}
+        best = max(modes, key=lambda m: diff[m].mean())
+        lines += [f"![Table 2 students, {key}]({rel(f'table2_students{suffix}.png')})", "",
+                  f"**Students, {key}.** Across xs2 = {settings[0]['xs2_dim']}…{settings[-1]['xs2_dim']} the no-KD "
+                  f"student goes from {res['no_kd_acc'][0].mean(-1)[0]:.3f} to {res['no_kd_acc'][0].mean(-1)[-1]:.3f} "
+                  f"and the regular-KD student from {reg[0]:.3f} to {reg[-1]:.3f}; the bars are each KD student's "
+                  f"gain over no-KD, {(reg - res['no_kd_acc'][0].mean(-1)).mean() * 100:+.2f} points on average for "
+                  f"regular KD. "
+                  + " ".join(f"Distilling from the {m} teacher instead changes the student by {diff[m].mean():+.2f} "
+                             f"points on "
+                             f"average (from {diff[m].min():+.2f} to {diff[m].max():+.2f} per xs2; better than regular "
+                             f"KD at {wins[m]} of {len(settings)} values of xs2)." for m in modes)
+                  + f" The largest average gain is with the {best} columns; MFH's claim is that a teacher restricted "
+                  f"to the modality-general (shared) columns distils better than the regular one, and a random "
+                  f"subset does not.", ""]
+        t_reg = res["regular_teacher_acc"][0].mean(-1)
+        t_mg = {m: res["mg_teacher_acc"][i].mean(-1) for i, m in enumerate(modes)}
+        lines += [f"![Table 2 teachers, {key}]({rel(f'table2_teachers{suffix}.png')})", "",
+                  f"**Teachers.** The regular teacher (all {results['x1_dim']} columns of x1) reaches "
+                  f"{t_reg.min():.3f}–{t_reg.max():.3f}; "
+                  + "; ".join(f"the {m} teacher {t_mg[m].min():.3f}–{t_mg[m].max():.3f} (on average "
+                              f"{(t_mg[m] - t_reg).mean() * 100:+.2f} points)" for m in modes)
+                  + ". " + ("Every modality-general teacher is less accurate than the regular one, so a better "
+                            "modality-general student does not come from a more accurate teacher."
+                            if all((t_mg[m] < t_reg).all() for m in modes) else
+                            "Not every modality-general teacher is less accurate than the regular one."), ""]
+        break  # the teacher and identification paragraphs do not depend on the KD method
+    ident = results["identification"]
+    if ident["x1"] is not None:
+        x1 = ident["x1"].mean(1)
+        chance = results["chance"]
+        extra = ""
+        if ident["x2"] is not None:
+            extra = f" For x2 it finds {ident['x2'].mean():.3f} on average."
+        lines += [f"![Algorithm 1 identification]({rel('alg1_identification.png')})", "",
+                  f"**Algorithm 1.** Of the xs2 columns with the highest saliency, a share of {x1.min():.3f}–"
+                  f"{x1.max():.3f} (mean {x1.mean():.3f}) are the true shared columns of x1, against {chance[0]:.2f}–"
+                  f"{chance[-1]:.2f} expected from random columns.{extra}", ""]
+    return "\n".join(lines)
+
+
 def reproduce(results_dir: Path, device: str = "auto") -> str:
-    """The `make reproduce` entry: the default sweep into results/gauss, returning the report section."""
+    """The `make reproduce` entry: the NTDH default sweep, then the mfh_gamma and mfh_modify_gamma presets, into
+    results/gauss, returning the report section."""
     from gauss import main as gauss_main
-    args = gauss_main.parse_args([])
-    cfg = gauss_main.resolve_config(args)
-    run_dir, results = gauss_main.run(cfg, Path(results_dir) / "gauss", device)
-    return section(results, run_dir.path, Path(results_dir))
+    out = Path(results_dir) / "gauss"
+    parts = []
+    for preset, title in ((None, None), ("mfh_gamma", "### MFH increase γ (`--preset mfh_gamma`, MFH Figure 2)"),
+                          ("mfh_modify_gamma", "### MFH modify γ (`--preset mfh_modify_gamma`, MFH Table 2)")):
+        args = gauss_main.parse_args([] if preset is None else ["--preset", preset])
+        cfg = gauss_main.resolve_config(args)
+        run_dir, results = gauss_main.run(cfg, out, device)
+        if preset is None:
+            parts.append(section(results, run_dir.path, Path(results_dir)))
+        elif preset == "mfh_gamma":
+            parts.append(section(results, run_dir.path, Path(results_dir), title))
+        else:
+            parts.append(section_modify(results, run_dir.path, Path(results_dir), title))
+    return "\n".join(parts)

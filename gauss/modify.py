@@ -1,0 +1,319 @@
+"""MFH Table 2 ("modify γ", spec §2.2): does a teacher retrained on the modality-general columns distil better?
+
+Per xs2 (shared decisive dims) and run: a regular teacher on all of x1, a no-KD baseline and a regular KD student on
+x2; then, per mode, x1 columns are chosen — `random` (xs2 random columns), `gt` (the true shared columns 0..xs2−1) or
+`alg1` (the xs2 most salient columns of MFH Algorithm 1 on the inputs, through common.saliency) — a
+"modality-general" teacher is retrained on those columns only and a second KD student distils from it.
+
+Everything is one batched computation per role (common.vectorized): the regular models over S settings × R runs, the
+modality-general ones over M modes × S × R. The settings select different numbers of columns, so the selected
+inputs are zero-padded to the widest selection: a zero input column has a zero gradient and adds nothing to the
+output, and each run's teacher is initialised as an nn.Linear of its own width, so every run trains exactly as a
+model of its own width would.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import saliency
+from common.vectorized import BatchedLinear, accuracy, cross_entropy_sum, fit
+from gauss import data, experiment
+
+MODES = ("random", "gt", "alg1")
+ENGINES = ("closed_form", "autograd")
+OPS = ("permute", "zero", "mean")
+DISTANCES = ("mse", "l1")   # the non-target JS of common.saliency is identically 0 with two classes
+CSV_COLUMNS = ["loss", "mask", "mode", "xs2_dim", "gamma", "runs", "regular_teacher_acc", "mg_teacher_acc",
+               "no_kd_acc", "regular_kd_acc", "mg_kd_acc", "teacher_diff_mean", "teacher_diff_std",
+               "student_diff_mean", "student_diff_std", "alg1_x1_id_acc", "alg1_x2_id_acc"]
+# Model-init roles: each run r seeds role k with N_ROLES·(seed + r) + k, shared by every setting and mode (as the
+# reference reseeds with the run's seed for every xs2 and mode), so the comparisons are paired.
+ROLES = {"teacher": 0, "kd_student": 1, "baseline": 2, "mg_teacher": 3, "mg_student": 4, "joint_t": 5, "joint_s": 6}
+N_ROLES = len(ROLES)
+
+
+@dataclass
+class Stage:
+    """G = len(settings)·runs groups, setting-major; duck-types experiment.Sweep for objective_for."""
+    settings: list
+    runs: int
+    train: data.Split
+
+    @property
+    def groups(self) -> int:
+        return len(self.settings) * self.runs
+
+
+def seeds_for(cfg: dict, n_settings: int, role: str) -> list[int]:
+    return [N_ROLES * (cfg["seed"] + r) + ROLES[role] for _ in range(n_settings) for r in range(cfg["runs"])]
+
+
+def linear(in_dim: int, n_classes: int, seeds: list[int], widths: list[int] | None = None) -> BatchedLinear:
+    """BatchedLinear over len(seeds) runs; with `widths`, run g is initialised exactly as nn.Linear(widths[g], C)
+    from its seed (U(±1/√width) for weight then bias) and its weights on the padding columns are 0."""
+    model = BatchedLinear(in_dim, n_classes, runs=len(seeds), seeds=seeds)
+    if widths is not None:
+        with torch.no_grad():
+            model.weight.zero_()
+            for g, (seed, w) in enumerate(zip(seeds, widths)):
+                gen, bound = torch.Generator().manual_seed(seed), 1.0 / np.sqrt(w)
+                model.weight[g, :, :w].copy_(torch.empty(n_classes, w).uniform_(-bound, bound, generator=gen))
+                model.bias[g, :, 0].copy_(torch.empty(n_classes).uniform_(-bound, bound, generator=gen))
+    return model
+
+
+def select_columns(x: torch.Tensor, columns: list[np.ndarray]) -> torch.Tensor:
+    """(G, D, N) → (G, K, N), K = the widest selection: group g holds x[g, columns[g]] then zero rows."""
+    width = max(len(c) for c in columns)
+    index = torch.zeros(len(columns), width, dtype=torch.long)
+    keep = torch.zeros(len(columns), width, 1, dtype=x.dtype)
+    for g, c in enumerate(columns):
+        index[g, :len(c)] = torch.as_tensor(c, dtype=torch.long)
+        keep[g, :len(c)] = 1
+    index, keep = index.to(x.device), keep.to(x.device)
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[2])) * keep
+
+
+def random_columns(cfg: dict, xs2: int, r: int) -> np.ndarray:
+    """xs2 random x1 columns for run r: without replacement, or with it (the reference's randint) under parity."""
+    rng = np.random.RandomState([cfg["seed"] + r, xs2, 7])
+    d = cfg["data"]["x1_dim"]
+    return rng.randint(0, d, xs2) if cfg["parity"] else np.sort(rng.choice(d, xs2, replace=False))
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
+    """Per-run mean over classes and samples of (a − b)² or |a − b|, summed over runs: (R, C, N) → scalar."""
+    diff = a - b
+    return (diff.pow(2) if distance == "mse" else diff.abs()).mean((1, 2)).sum()
+
+
+def _joint_loss(distance: str):
+    def loss_fn(out_t, out_s, y):  # summed over runs, so every run gets its own loss's gradient
+        return cross_entropy_sum(out_t, y) + cross_entropy_sum(out_s, y) + _agreement(out_t, out_s, distance)
+    return loss_fn
+
+
+@torch.no_grad()
+def joint_train_linear(net_a: BatchedLinear, net_b: BatchedLinear, x_a, x_b, y, *, epochs: int, lr: float,
+                       momentum: float, distance: str) -> None:
+    """Algorithm 1 step 1 for two BatchedLinear nets in closed form: full-batch SGD (momentum as torch.optim.SGD) on
+    Σ_runs CE(a) + CE(b) + d(a, b), with ∂CE/∂z = (softmax(z) − onehot)/N and ∂mse/∂z_a = 2(z_a − z_b)/(C·N)
+    (∂l1/∂z_a = sign(z_a − z_b)/(C·N)). The same updates as common.saliency.joint_train with the run-summed loss
+    (tests/gauss check it), without autograd's per-step overhead."""
+    n, n_classes = y.shape[1], net_a.out_features
+    target = F.one_hot(y, n_classes).transpose(1, 2).to(x_a.dtype)
+    xt_a, xt_b = x_a.transpose(1, 2).contiguous(), x_b.transpose(1, 2).contiguous()
+    params = [net_a.weight, net_a.bias, net_b.weight, net_b.bias]
+    buffers: list[torch.Tensor | None] = [None] * 4
+    for _ in range(epochs):
+        z_a, z_b = net_a(x_a), net_b(x_b)
+        diff = z_a - z_b
+        agree = (2 * diff if distance == "mse" else diff.sign()) / (n_classes * n)
+        g_a = (z_a.softmax(1) - target) / n + agree
+        g_b = (z_b.softmax(1) - target) / n - agree
+        grads = [torch.bmm(g_a, xt_a), g_a.sum(2, keepdim=True), torch.bmm(g_b, xt_b), g_b.sum(2, keepdim=True)]
+        for i, (p, grad) in enumerate(zip(params, grads)):
+            if momentum:
+                buffers[i] = grad if buffers[i] is None else buffers[i].mul_(momentum).add_(grad)
+                grad = buffers[i]
+            p.sub_(lr * grad)
+    net_a.eval()
+    net_b.eval()
+
+
+@torch.no_grad()
+def input_saliency_linear(net_t: BatchedLinear, net_s: BatchedLinear, x_t, x_s, *, op: str, distance: str,
+                          repeats: int, generator: torch.Generator) -> torch.Tensor:
+    """Algorithm 1 step 2 on the inputs of a BatchedLinear teacher in closed form, (R, D, N) → (R, D).
+
+    Destroying column c changes the teacher's output by W[:, c]·(x̃_c − x_c), so every column's intervened output is
+    one broadcast instead of a forward over a copy of the whole input. Same semantics and the same random stream as
+    common.saliency.saliency_vector(place="input", batch_dim=2, channel_dim=1, class_dim=1): one permutation of the
+    samples per (repeat, column), drawn in that order and shared by the runs; the mean of d over repeats, min-max
+    normalised per run (tests/gauss check the two agree)."""
+    base = (net_t(x_t) - net_s(x_s)).unsqueeze(1)                      # (R, 1, C, N)
+    w = net_t.weight.transpose(1, 2).unsqueeze(-1)                       # (R, D, 1 → C, 1)
+    n_cols, n = x_t.shape[1], x_t.shape[2]
+    n_repeats = repeats if op == "permute" else 1
+    total = torch.zeros(x_t.shape[0], n_cols, dtype=torch.float64, device=x_t.device)
+    for _ in range(n_repeats):
+        if op == "permute":
+            perms = torch.stack([torch.randperm(n, generator=generator) for _ in range(n_cols)]).to(x_t.device)
+            changed = x_t.gather(2, perms.unsqueeze(0).expand_as(x_t))
+        else:
+            changed = x_t.mean(2, keepdim=True).expand_as(x_t) if op == "mean" else torch.zeros_like(x_t)
+        moved = base + w * (changed - x_t).unsqueeze(2)                  # (R, D, C, N)
+        d = moved.pow(2) if distance == "mse" else moved.abs()
+        total += d.mean((2, 3)).double()
+    sal = (total / n_repeats).to(x_t.dtype)
+    low, high = sal.amin(-1, keepdim=True), sal.amax(-1, keepdim=True)
+    spread = high - low
+    return torch.where(spread > 0, (sal - low) / spread.clamp_min(torch.finfo(sal.dtype).tiny), torch.zeros_like(sal))
+
+
+def algorithm1(cfg: dict, split: data.Split, n_settings: int, progress: bool):
+    """Algorithm 1 on the inputs for every group: joint training (step 1), then the permutation saliency of every x1
+    column (and x2 column) against the other modality's fixed output (step 2). Returns (sal_x1, sal_x2 or None).
+
+    engine `autograd` runs common.saliency.joint_train and common.saliency.saliency_vector (forward hooks on the
+    input); `closed_form` computes the same numbers from the linear models' closed forms, ~20× faster."""
+    a = cfg["modify"]["alg1"]
+    n_classes = int(split.y.max()) + 1
+    net_t = linear(split.x1.shape[1], n_classes, seeds_for(cfg, n_settings, "joint_t")).to(split.x1.device)
+    net_s = linear(split.x2.shape[1], n_classes, seeds_for(cfg, n_settings, "joint_s")).to(split.x1.device)
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    if a["engine"] == "closed_form":
+        joint_train_linear(net_t, net_s, split.x1, split.x2, split.y, epochs=a["epochs"], lr=a["lr"],
+                           momentum=a["momentum"], distance=a["distance"])
+        kw = dict(op=a["op"], distance=a["distance"], repeats=a["repeats"], generator=gen)
+        sal_x1 = input_saliency_linear(net_t, net_s, split.x1, split.x2, **kw)
+        sal_x2 = input_saliency_linear(net_s, net_t, split.x2, split.x1, **kw) if a["tag_student"] else None
+        return sal_x1, sal_x2
+    saliency.joint_train(net_t, net_s, lambda: [(split.x1, split.x2, split.y)], epochs=a["epochs"], lr=a["lr"],
+                         momentum=a["momentum"], loss_fn=_joint_loss(a["distance"]), class_dim=1, progress=progress)
+    kw = dict(op=a["op"], distance=a["distance"], repeats=a["repeats"], batch_dim=2, channel_dim=1, class_dim=1,
+              generator=gen, chunk=16, progress=progress)
+    sal_x1 = saliency.saliency_vector(net_t, net_s, [(split.x1, split.x2, split.y)], "input", desc="saliency x1", **kw)
+    sal_x2 = None
+    if a["tag_student"]:
+        sal_x2 = saliency.saliency_vector(net_s, net_t, [(split.x2, split.x1, split.y)], "input",
+                                          desc="saliency x2", **kw)
+    return sal_x1, sal_x2
+
+
+def top_columns(sal: torch.Tensor, ks: list[int]) -> list[np.ndarray]:
+    """The k_g most salient columns of each group's saliency row (ties to the lower index), sorted."""
+    order = torch.sort(sal.cpu(), dim=-1, descending=True, stable=True).indices.numpy()
+    return [np.sort(order[g, :k]) for g, k in enumerate(ks)]
+
+
+def identification(columns: list[np.ndarray], ks: list[int]) -> np.ndarray:
+    """|chosen ∩ {0..k−1}| / k per group: the share of the true shared columns among the chosen ones."""
+    return np.array([np.isin(np.arange(k), c).mean() for c, k in zip(columns, ks)])
+
+
+def run_table(cfg: dict, device: torch.device, log=print) -> dict:
+    """Train everything and return {"rows", "per_run", "settings", "seconds"}."""
+    started = time.perf_counter()
+    d, m, R = cfg["data"], cfg["modify"], cfg["runs"]
+    seeds = [cfg["seed"] + r for r in range(R)]
+    trains, tests, freshes = data.modify_gamma(seeds, d["xs2_dims"], n_train=d["n_train"], n_test=d["n_test"],
+                                               x1_dim=d["x1_dim"], x2_dim=d["x2_dim"], xs1_dim=d["xs1_dim"],
+                                               a_dim=d["a_dim"], decision=d["decision"])
+    train, test = data.concat(trains).to(device), data.concat(tests).to(device)
+    kd_train = data.concat(freshes).to(device) if d["fresh_train"] else train
+    xs2s, S, modes, progress = d["xs2_dims"], len(d["xs2_dims"]), m["modes"], cfg["progress"]
+    ks = [k for k in xs2s for _ in range(R)]                       # shared dims per group, setting-major
+    gammas = [k / (d["xs1_dim"] + k) for k in xs2s]               # shared / teacher's decisive dims
+    n_classes = int(train.y.max()) + 1
+    t = cfg["train"]
+    log(f"MFH Table 2: {S} values of xs2 × {R} runs; regular models {S * R} groups, modality-general models "
+        f"{len(modes)} modes × {S * R} groups, {t['epochs']} full-batch epochs each, device {device}")
+
+    def train_model(x, role, n_settings, desc, objective=None, teacher_out=None, widths=None):
+        model = linear(x.shape[1], n_classes, seeds_for(cfg, n_settings, role), widths).to(device)
+        return fit(model, x, kd_train.y if role != "teacher" else train.y, epochs=t["epochs"], lr=t["lr"],
+                   momentum=t["momentum"], objective=objective, teacher_out=teacher_out, desc=desc,
+                   progress=progress)
+
+    per_group = lambda v: v.detach().cpu().numpy()
+    teacher = train_model(train.x1, "teacher", S, "regular teacher")
+    baseline = train_model(kd_train.x2, "baseline", S, "no-KD baseline")
+    with torch.no_grad():
+        regular_teacher_acc = per_group(accuracy(teacher(test.x1), test.y))
+        no_kd_acc = per_group(accuracy(baseline(test.x2), test.y))
+
+    # which x1 columns each mode keeps, per (mode, setting, run) group, mode-major
+    columns: dict[str, list[np.ndarray]] = {}
+    id_acc = {"x1": None, "x2": None}
+    for mode in modes:
+        if mode == "random":
+            columns[mode] = [random_columns(cfg, k, r) for k in xs2s for r in range(R)]
+        elif mode == "gt":
+            columns[mode] = [np.arange(k) for k in ks]
+        else:
+            sal_x1, sal_x2 = algorithm1(cfg, train, S, progress)
+            columns[mode] = top_columns(sal_x1, ks)
+            id_acc["x1"] = identification(columns[mode], ks)
+            if sal_x2 is not None:
+                id_acc["x2"] = identification(top_columns(sal_x2, ks), ks)
+    all_columns = [c for mode in modes for c in columns[mode]]
+    widths = [len(c) for c in all_columns]
+    mg_train = select_columns(kd_train.x1.repeat(len(modes), 1, 1), all_columns)
+    mg_test = select_columns(test.x1.repeat(len(modes), 1, 1), all_columns)
+    mg_y = kd_train.y.repeat(len(modes), 1)
+    mg_teacher = linear(mg_train.shape[1], n_classes, seeds_for(cfg, len(modes) * S, "mg_teacher"), widths).to(device)
+    fit(mg_teacher, mg_train, mg_y, epochs=t["epochs"], lr=t["lr"], momentum=t["momentum"],
+        desc="modality-general teachers", progress=progress)
+    with torch.no_grad():
+        mg_teacher_acc = per_group(accuracy(mg_teacher(mg_test), test.y.repeat(len(modes), 1)))
+        mg_teacher_out = mg_teacher(mg_train)
+        # parity (spec §12 item 18): the reference's "regular KD" feeds x2 to the teacher and trains the student on x1
+        regular_in_t, regular_in_s = (kd_train.x2, kd_train.x1) if cfg["parity"] else (kd_train.x1, kd_train.x2)
+        regular_teacher_out = teacher(regular_in_t)
+
+    stage_a = Stage([{} for _ in range(S)], R, kd_train)
+    stage_b = Stage([{} for _ in range(len(modes) * S)], R, data.Split(mg_train, kd_train.x2.repeat(len(modes), 1, 1),
+                                                                       mg_y))
+    rows, per_run = [], {}
+    for method in cfg["kd"]["losses"]:
+        for mask in cfg["kd"]["masks"]:
+            key = f"{method}/{mask}"
+            objective = experiment.objective_for(cfg, method, mask, stage_a, n_classes).to(device)
+            student = train_model(regular_in_s, "kd_student", S, f"{key} regular KD", objective, regular_teacher_out)
+            objective = experiment.objective_for(cfg, method, mask, stage_b, n_classes).to(device)
+            mg_student = linear(d["x2_dim"], n_classes, seeds_for(cfg, len(modes) * S, "mg_student")).to(device)
+            fit(mg_student, stage_b.train.x2, mg_y, epochs=t["epochs"], lr=t["lr"], momentum=t["momentum"],
+                objective=objective, teacher_out=mg_teacher_out, desc=f"{key} modality-general KD",
+                progress=progress)
+            with torch.no_grad():
+                regular_kd_acc = per_group(accuracy(student(test.x2), test.y))
+                mg_kd_acc = per_group(accuracy(mg_student(test.x2.repeat(len(modes), 1, 1)),
+                                               test.y.repeat(len(modes), 1)))
+            shape = (len(modes), S, R)
+            res = {"regular_teacher_acc": np.broadcast_to(regular_teacher_acc.reshape(S, R), shape),
+                   "mg_teacher_acc": mg_teacher_acc.reshape(shape),
+                   "no_kd_acc": np.broadcast_to(no_kd_acc.reshape(S, R), shape),
+                   "regular_kd_acc": np.broadcast_to(regular_kd_acc.reshape(S, R), shape),
+                   "mg_kd_acc": mg_kd_acc.reshape(shape)}
+            res["teacher_diff"] = (res["mg_teacher_acc"] - res["regular_teacher_acc"]) * 100
+            res["student_diff"] = (res["mg_kd_acc"] - res["regular_kd_acc"]) * 100
+            per_run[key] = res
+            for i, mode in enumerate(modes):
+                for s, k in enumerate(xs2s):
+                    ids = {f"alg1_{x}_id_acc": (id_acc[x].reshape(S, R)[s].mean()
+                                                if mode == "alg1" and id_acc[x] is not None else None)
+                           for x in ("x1", "x2")}
+                    rows.append({"loss": method, "mask": mask, "mode": mode, "xs2_dim": k, "gamma": gammas[s],
+                                 "runs": R, **{c: res[c][i, s].mean() for c in CSV_COLUMNS[6:11]},
+                                 "teacher_diff_mean": res["teacher_diff"][i, s].mean(),
+                                 "teacher_diff_std": res["teacher_diff"][i, s].std(),
+                                 "student_diff_mean": res["student_diff"][i, s].mean(),
+                                 "student_diff_std": res["student_diff"][i, s].std(), **ids})
+            log(format_table([r for r in rows if r["loss"] == method and r["mask"] == mask], method, mask,
+                             cfg["parity"]))
+    settings = [{"xs2_dim": k, "gamma": g} for k, g in zip(xs2s, gammas)]
+    ids = {x: (None if v is None else v.reshape(S, R)) for x, v in id_acc.items()}
+    return {"rows": rows, "per_run": per_run, "settings": settings, "modes": list(modes), "identification": ids,
+            "chance": [k / d["x1_dim"] for k in xs2s], "x1_dim": d["x1_dim"], "seconds": time.perf_counter() - started}
+
+
+def format_table(rows: list[dict], method: str, mask: str, parity: bool = False) -> str:
+    head = (f"\n{method} (mask {mask}), {rows[0]['runs']} runs — MFH Table 2"
+            f"{' (parity: regular KD with swapped inputs)' if parity else ''}; accuracies on test, diffs in points\n"
+            f"{'xs2':>4} {'gamma':>6} {'mode':>7} {'T reg':>7} {'T mg':>7} {'no-KD':>7} {'KD reg':>7} {'KD mg':>7} "
+            f"{'T diff (mg-reg)':>16} {'S diff (mg-reg)':>16} {'alg1 id x1':>10} {'x2':>6}")
+    lines = [head, "-" * len(head.splitlines()[-1])]
+    fmt = lambda v, w: f"{'-':>{w}}" if v is None else f"{v:{w}.3f}"
+    for r in rows:
+        lines.append(f"{r['xs2_dim']:4d} {r['gamma']:6.2f} {r['mode']:>7} {r['regular_teacher_acc']:7.4f} "
+                     f"{r['mg_teacher_acc']:7.4f} {r['no_kd_acc']:7.4f} {r['regular_kd_acc']:7.4f} "
+                     f"{r['mg_kd_acc']:7.4f} {r['teacher_diff_mean']:+7.2f} ± {r['teacher_diff_std']:5.2f} "
+                     f"{r['student_diff_mean']:+7.2f} ± {r['student_diff_std']:5.2f} "
+                     f"{fmt(r['alg1_x1_id_acc'], 10)} {fmt(r['alg1_x2_id_acc'], 6)}")
+    return "\n".join(lines)
