@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 from common import config as C  # noqa: E402
 from common.run import RunDir, cli, seed_everything  # noqa: E402
+from ravdess import data as D  # noqa: E402
 from ravdess import demo as demo_lib  # noqa: E402
 from ravdess import experiment as X  # noqa: E402
 from ravdess import preprocess as P  # noqa: E402
@@ -125,7 +126,7 @@ def run(cfg: dict, args, out: str | Path) -> dict:
     rd = RunDir.create(out, name, config=cfg, code_from=HERE)
     rd.log(f"run directory {rd.path} (device {dev})")
     root = X.data_root(cfg, log=rd.log)
-    results: dict = {"run_dir": rd.path}
+    results: dict = {"run_dir": rd.path, "counts": {s: len(D.read_split(root, cfg, s)) for s in D.SPLITS}}
     ck = None
     if args.cal_tag:
         results["cal"] = X.cal_tag(cfg, root, rd, dev, out)
@@ -138,7 +139,7 @@ def run(cfg: dict, args, out: str | Path) -> dict:
         else:
             results["modes"] = [X.eval_tag(cfg, root, rd, dev, ck)]
             print(results["modes"][0]["line"])
-    summary = {"experiment": "ravdess", "command": command, "config": cfg}
+    summary = {"experiment": "ravdess", "command": command, "config": cfg, "counts": results["counts"]}
     if "cal" in results:
         c = results["cal"]
         summary["alg1"] = {"checkpoint": str(c["checkpoint"]), "accuracy": c["accuracy"], "channels": c["channels"],

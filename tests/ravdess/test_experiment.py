@@ -94,7 +94,8 @@ def test_steps_1_2_3_and_compare_modes(features, cfg_file, tmp_path):
     r3 = M.main(["compare_modes", "--distill", "dkd", "--mask", "omega", *common])
     rows = r3["modes"]
     assert [r["mode"] for r in rows] == [0, 1, 2]
-    assert set(rows[2]["removed_channels"]) == set(np.argsort(sal, kind="stable")[-12:].tolist())
+    # the 12 most salient, ties (e.g. dead ReLU channels of these tiny nets) to the lower index
+    assert set(rows[2]["removed_channels"]) == set(np.argsort(-sal, kind="stable")[:12].tolist())
     assert (Path(r3["run_dir"]) / "compare_modes.csv").is_file() and (Path(r3["run_dir"]) / "compare_modes.png").is_file()
 
     r4 = M.main(["plot_tag", *common])
