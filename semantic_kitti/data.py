@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from scipy.spatial.transform import Rotation
 from torch.utils.data import Dataset
 from torchvision.transforms import ColorJitter, InterpolationMode
 
@@ -237,6 +236,7 @@ def augment_points(points: np.ndarray, cfg: dict, rng: random.Random) -> np.ndar
         lo, hi = sorted((cfg[f"rot_{name}min"], cfg[f"rot_{name}max"]))  # the reference lists yaw reversed
         angles.append(rng.uniform(lo, hi) if rng.random() < cfg[f"p_rot_{name}"] else 0.0)
     if any(angles):
+        from scipy.spatial.transform import Rotation  # only here: importing scipy.spatial costs ~1 s per process
         rot = Rotation.from_euler("zyx", angles, degrees=True).as_matrix().astype(np.float32)
         p[:, :3] = p[:, :3] @ rot.T
     return p

@@ -336,6 +336,7 @@ class Trainer:
     def _summary(self, history, last_val, seconds) -> dict:
         s = {"role": self.role, "net": self.model_name, "experiment_dir": str(self.rd.path), "world_size": self.world,
              "best": self.best, "history": history, "seconds": seconds, "last_val": last_val,
+             "iters_per_epoch": self.iters,
              "best_checkpoint": str(self.rd.checkpoint_dir / "best_IOU_model.pth")}
         self.rd.write_summary(s)
         self.rd.close()

@@ -75,7 +75,14 @@ def run(cfg: dict, device: str = "auto", write_demo: bool = False) -> dict:
         raise C.ConfigError("checkpoint / pretrained_model: name one stage (--stage teacher|student) to resume or "
                             "initialise; with stage both they would be ambiguous")
     dev = select_device(opt, device)
-    env = ddp.init_distributed(dev)
+    threads = torch.get_num_threads()
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    try:
+        env = ddp.init_distributed(dev)
+    except BaseException:
+        torch.set_num_threads(threads)
+        raise
     seed_everything(cfg["seed"], cfg["deterministic"])
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg["deterministic"]
@@ -92,6 +99,9 @@ def run(cfg: dict, device: str = "auto", write_demo: bool = False) -> dict:
         if opt.stage in ("teacher", "both"):
             out["teacher"] = TeacherTrainer(opt, dev, "[teacher] ").run()
         if opt.stage in ("student", "both"):
+            # the same seed as a student run on its own: initialisation and data order do not depend on whether the
+            # teacher was trained first in this process (the KD / no-KD comparison of the report relies on it)
+            seed_everything(cfg["seed"], cfg["deterministic"])
             scfg = copy.deepcopy(cfg)
             if opt.stage == "both":
                 scfg["teacher_checkpoint"] = out["teacher"]["best_checkpoint"]
@@ -99,6 +109,7 @@ def run(cfg: dict, device: str = "auto", write_demo: bool = False) -> dict:
         return out
     finally:
         ddp.destroy()
+        torch.set_num_threads(threads)  # process-wide: give the caller (tests, reproduce) its own setting back
 
 
 def main(argv=None):

@@ -80,7 +80,7 @@ class Option:
         for key in ("n_epochs", "val_frequency", "log_every", "print_frequency"):
             if c[key] < 1:
                 raise ConfigError(f"{key}: expected ≥ 1, got {c[key]}")
-        for key in ("iters_per_epoch", "val_iters", "n_threads"):
+        for key in ("iters_per_epoch", "val_iters", "n_threads", "threads"):
             if c[key] < 0:
                 raise ConfigError(f"{key}: expected ≥ 0, got {c[key]}")
         if c["nclasses"] < 2:
