@@ -8,7 +8,10 @@ The loop side is the reference's way (one nn.Module per run, autograd + torch.op
 forward, under no_grad) and is timed on `--loop-groups` (γ, run) pairs; the ratio is per (γ, run), measured in one
 process run. Then the real default (10 runs × 5 γ, 1000 epochs) is timed end to end unless --skip-default.
 
-    python bench/sklearn_exp_vectorized.py [--loop-groups 2] [--epochs 200] [--threads 0] [--skip-default]
+    python bench/sklearn_exp_vectorized.py [--loop-groups 2] [--epochs 200] [--threads 1] [--skip-default]
+
+Both sides run with the same torch thread count (default 1: on a busy shared 2-core machine a second OpenMP thread
+spin-waits against the other users' load and is several times slower in wall and CPU time).
 """
 from __future__ import annotations
 
@@ -97,17 +100,21 @@ def per_run_loop(cfg: dict, groups: int) -> float:
     return time.perf_counter() - started, time.process_time() - cpu
 
 
-def vectorised(cfg: dict) -> tuple[float, float]:
+def vectorised(cfg: dict) -> tuple[float, float, dict]:
     started, cpu = time.perf_counter(), time.process_time()
-    experiment.run_sweep(cfg, torch.device("cpu"), log=lambda *_: None)
-    return time.perf_counter() - started, time.process_time() - cpu
+    res = experiment.run_sweep(cfg, torch.device("cpu"), log=lambda *_: None)
+    return time.perf_counter() - started, time.process_time() - cpu, res
+
+
+def stages(res: dict) -> str:
+    return ", ".join(f"{k} {v:.1f}/{res['cpu_timings'][k]:.1f}" for k, v in res["timings"].items())
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--loop-groups", type=int, default=2, help="(γ, run) pairs timed with the per-run loop")
     p.add_argument("--epochs", type=int, default=200, help="epochs per model for the ratio measurement")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for both sides (0: torch's default)")
     p.add_argument("--skip-default", action="store_true", help="do not time the default 10 runs × 5 γ sweep")
     args = p.parse_args()
     if args.threads:
@@ -115,20 +122,23 @@ def main():
 
     cfg = default_cfg(10, args.epochs)
     groups = 10 * len(cfg["data"]["overlaps"])
-    (t_loop, c_loop), (t_vec, c_vec) = per_run_loop(cfg, args.loop_groups), vectorised(cfg)
+    (t_loop, c_loop), (t_vec, c_vec, res) = per_run_loop(cfg, args.loop_groups), vectorised(cfg)
     per_loop, per_vec = t_loop / args.loop_groups, t_vec / groups
     print(f"per (γ, run), {args.epochs} epochs per model, {torch.get_num_threads()} thread(s):")
     print(f"  per-run loop : {per_loop:7.2f} s wall, {c_loop / args.loop_groups:7.2f} s CPU "
           f"(timed on {args.loop_groups} of them)")
-    print(f"  vectorised   : {per_vec:7.2f} s wall, {c_vec / groups:7.2f} s CPU (10 runs × 5 γ in {t_vec:.1f} s)")
+    print(f"  vectorised   : {per_vec:7.2f} s wall, {c_vec / groups:7.2f} s CPU (10 runs × 5 γ in {t_vec:.1f} s "
+          f"wall, {c_vec:.1f} s CPU; per stage wall/CPU s: {stages(res)})")
     print(f"  ratio = loop / vectorised (same work): {per_loop / per_vec:.1f}x wall, "
           f"{(c_loop / args.loop_groups) / (c_vec / groups):.1f}x CPU time")
     if not args.skip_default:
         full = default_cfg(10, 1000)
-        t_full, c_full = vectorised(full)
+        t_full, c_full, res = vectorised(full)
         print(f"default sweep (kl, Alg. 1, 10 runs × 5 γ, 1000 epochs): {t_full:.1f} s wall, {c_full:.1f} s CPU "
-              f"vectorised (target ≤ 120 s); "
-              f"the per-run loop would need ≈ {per_loop * groups * 1000 / args.epochs:.0f} s at its measured rate; "
+              f"vectorised (target ≤ 120 s); per stage wall/CPU s: {stages(res)}; "
+              f"the per-run loop would need ≈ {per_loop * groups * 1000 / args.epochs:.0f} s wall "
+              f"(≈ {c_loop / args.loop_groups * groups * 1000 / args.epochs:.0f} s CPU) at its measured rate, "
+              f"(its whole time scaled by 1000 / epochs, saliency included: an upper estimate); "
               f"the reference needed ≈ 37 s per (γ, run), ≈ {37 * groups:.0f} s")
 
 

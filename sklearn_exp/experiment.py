@@ -17,7 +17,8 @@ from common.kd import build_objective
 from common.saliency import removal_indices, saliency_vector
 from common.vectorized import accuracy, cross_entropy_sum
 from sklearn_exp import data
-from sklearn_exp.models import fit, two_layer_nn
+from sklearn_exp.input_saliency import input_saliency
+from sklearn_exp.models import fit, joint_ncjsd_grad, kd_kl_grad, two_layer_nn
 
 CSV_COLUMNS = ["loss", "mask", "gamma", "overlap_dim", "runs", "teacher_acc", "no_kd_acc", "kd_acc", "delta_mean",
                "delta_std", "ncjsd", "cmd_input", "masked_teacher_acc", "masked_student_acc", "saliency_hits_x1",
@@ -34,7 +35,16 @@ class Sweep:
     train: data.Split
     test: data.Split
     layout: data.Layout
-    timings: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)       # wall-clock seconds per stage
+    cpu_timings: dict = field(default_factory=dict)   # CPU seconds (time.process_time) per stage
+
+    def timed(self, name: str, fn):
+        """Run fn(), adding its wall-clock and CPU seconds to stage `name`."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+        self.cpu_timings[name] = self.cpu_timings.get(name, 0.0) + time.process_time() - c0
+        return out
 
     @property
     def groups(self) -> int:
@@ -92,11 +102,32 @@ def objective_for(cfg: dict, method: str, mask: str, sweep: Sweep, n_classes: in
     return build_objective(loss_cfg, runs=sweep.groups, context=context)
 
 
+KL_KEYS = {"weight", "temperature", "reduction", "t2", "omega_mode"}
+
+
+def closed_form_kd(cfg: dict, method: str, mask: str) -> dict | None:
+    """The arguments of `models.kd_kl_grad` when method/mask is CE + KL without a mask (the reference default), so
+    the loss gradient has a closed form; None for everything else (autograd through the common.kd objective)."""
+    terms = cfg["kd"]["methods"][method]
+    kl = terms.get("kl")
+    if not cfg["train"].get("closed_form", True) or mask != "none" or set(terms) != {"kl"} or not isinstance(kl, dict):
+        return None
+    if not set(kl) <= KL_KEYS or kl.get("reduction", "batchmean") not in ("batchmean", "mean"):
+        return None
+    return {"ce_weight": float(cfg["kd"]["ce_weight"]), "kl_weight": float(kl.get("weight", 1.0)),
+            "temperature": float(kl.get("temperature", 1.0)), "reduction": kl.get("reduction", "batchmean"),
+            "t2": bool(kl.get("t2", False))}
+
+
 def train_kd(cfg, sweep, method, mask, teacher_train, seeds, desc):
     tr = sweep.train
     n_classes = int(cfg["data"]["n_classes"])
-    objective = objective_for(cfg, method, mask, sweep, n_classes).to(tr.x2.device)
     student = two_layer_nn(tr.x2.shape[1], cfg["model"]["hidden"], n_classes, sweep.groups, seeds).to(tr.x2.device)
+    closed = closed_form_kd(cfg, method, mask)
+    if closed is not None:   # the same updates as autograd through the objective below, without the autograd graph
+        return fit([student], [tr.x2], grad_fn=kd_kl_grad(tr.y, teacher_train, **closed), desc=desc,
+                   **_train_cfg(cfg))[0]
+    objective = objective_for(cfg, method, mask, sweep, n_classes).to(tr.x2.device)
     return fit([student], [tr.x2], loss_fn=lambda z: objective(z[0], teacher_train, tr.y)[0],
                extra_params=list(objective.parameters()), desc=desc, **_train_cfg(cfg))[0]
 
@@ -141,19 +172,27 @@ def algorithm1(cfg: dict, sweep: Sweep, variant: str, log=print) -> dict:
         return (cross_entropy_sum(z_t, tr.y) + cross_entropy_sum(z_s, tr.y)
                 + a["distance_weight"] * nontarget_divergence(z_s, z_t, tr.y, variant).sum())
 
-    started = time.perf_counter()
-    fit([teacher, student], [tr.x1, tr.x2], epochs=a["epochs"], lr=a["lr"], momentum=a["momentum"],
-        loss_fn=joint_loss, chunk=cfg["train"]["chunk_runs"], progress=cfg["progress"], desc="alg1 joint training")
-    sweep.timings["alg1_joint"] = time.perf_counter() - started
-    started = time.perf_counter()
+    # the textbook JS has a closed-form gradient (models.joint_ncjsd_grad); the reference's variant goes by autograd
+    loss = ({"grad_fn": joint_ncjsd_grad(tr.y, n_classes, a["distance_weight"])}
+            if variant == "textbook" and cfg["train"].get("closed_form", True) else {"loss_fn": joint_loss})
+    sweep.timed("alg1_joint", lambda: fit(
+        [teacher, student], [tr.x1, tr.x2], epochs=a["epochs"], lr=a["lr"], momentum=a["momentum"],
+        chunk=cfg["train"]["chunk_runs"], progress=cfg["progress"], desc="alg1 joint training", **loss))
     gen = torch.Generator().manual_seed(cfg["seed"])
-    common_args = dict(op="permute", distance="ncjsd", repeats=a["repeats"], batch_dim=2, channel_dim=1,
-                       class_dim=1, chunk=a["chunk_channels"], generator=gen, variant=variant,
-                       progress=cfg["progress"])
-    sal_x1 = saliency_vector(teacher, student, [(tr.x1, tr.x2, tr.y)], "input", desc="saliency x1", **common_args)
-    # x2's columns: the same measurement with the roles swapped (the non-target JS is symmetric)
-    sal_x2 = saliency_vector(student, teacher, [(tr.x2, tr.x1, tr.y)], "input", desc="saliency x2", **common_args)
-    sweep.timings["alg1_saliency"] = time.perf_counter() - started
+    if a.get("saliency", "rank1") == "rank1":
+        # sklearn_exp.input_saliency: saliency_vector's numbers (same permutations) by a rank-1 first-layer update
+        args = dict(repeats=a["repeats"], generator=gen, variant=variant, chunk=a["chunk_channels"])
+        sal_x1, sal_x2 = sweep.timed("alg1_saliency", lambda: (
+            input_saliency(teacher, student, tr.x1, tr.x2, tr.y, **args),
+            # x2's columns: the same measurement with the roles swapped (the non-target JS is symmetric)
+            input_saliency(student, teacher, tr.x2, tr.x1, tr.y, **args)))
+    else:
+        common_args = dict(op="permute", distance="ncjsd", repeats=a["repeats"], batch_dim=2, channel_dim=1,
+                           class_dim=1, chunk=a["chunk_channels"], generator=gen, variant=variant,
+                           progress=cfg["progress"])
+        sal_x1, sal_x2 = sweep.timed("alg1_saliency", lambda: (
+            saliency_vector(teacher, student, [(tr.x1, tr.x2, tr.y)], "input", desc="saliency x1", **common_args),
+            saliency_vector(student, teacher, [(tr.x2, tr.x1, tr.y)], "input", desc="saliency x2", **common_args)))
     with torch.no_grad():
         joint_acc_t = sweep.per_setting(accuracy(teacher(sweep.test.x1), sweep.test.y))
         joint_acc_s = sweep.per_setting(accuracy(student(sweep.test.x2), sweep.test.y))
@@ -182,7 +221,7 @@ def gather_columns(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
     started, cpu_started = time.perf_counter(), time.process_time()
     sweep = build_sweep(cfg)
-    sweep.timings["data"] = time.perf_counter() - started
+    sweep.timings["data"], sweep.cpu_timings["data"] = time.perf_counter() - started, time.process_time() - cpu_started
     sweep.train, sweep.test = sweep.train.to(device), sweep.test.to(device)
     tr, te = sweep.train, sweep.test
     variant = "reference" if cfg["parity"] else cfg["analysis"]["js_variant"]
@@ -190,12 +229,7 @@ def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
     log(f"{S} settings × {R} runs = {sweep.groups} groups of {tr.y.shape[1]} train / {te.y.shape[1]} test samples, "
         f"{cfg['train']['epochs']} full-batch epochs per model, device {device}")
 
-    def timed(name, fn):
-        t0 = time.perf_counter()
-        out = fn()
-        sweep.timings[name] = sweep.timings.get(name, 0.0) + time.perf_counter() - t0
-        return out
-
+    timed = sweep.timed
     seeds = init_seeds(cfg, sweep)
     teacher = timed("teacher", lambda: train_ce(cfg, tr.x1, tr.y, seeds, "teacher"))
     # x2 does not depend on γ, so the no-KD baseline of run r is the same model at every γ: train R, not S·R.
@@ -209,7 +243,7 @@ def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
         cmd_input = sweep.per_setting(D.cmd(tr.x1.transpose(1, 2), tr.x2.transpose(1, 2),
                                             cfg["analysis"]["cmd_moments"]))
 
-    alg = timed("alg1", lambda: algorithm1(cfg, sweep, variant, log))
+    alg = algorithm1(cfg, sweep, variant, log)   # times its stages alg1_joint and alg1_saliency itself
     kept = alg["kept_x1"]
     x1_masked_train, x1_masked_test = gather_columns(tr.x1, kept), gather_columns(te.x1, kept)
     masked_teacher = timed("masked_teacher", lambda: train_ce(cfg, x1_masked_train, tr.y, seeds, "masked teacher"))
@@ -248,7 +282,8 @@ def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
         log(f"NTDH check {key}: Spearman ρ(non-target JS, Delta) = {c['rho']:+.3f} over {c['n']} runs "
             f"(p = {c['p']:.2g}); over the γ means ρ = {c['rho_means']:+.3f}")
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    log("time per stage (s): " + ", ".join(f"{k} {v:.1f}" for k, v in sweep.timings.items())
+    log("time per stage (s, wall / CPU): " + ", ".join(f"{k} {v:.1f} / {sweep.cpu_timings[k]:.1f}"
+                                                        for k, v in sweep.timings.items())
         + f"; total {seconds:.1f} s wall, {cpu_seconds:.1f} s CPU ({torch.get_num_threads()} thread(s))")
     saliency = {"x1": alg["saliency_x1"].cpu().numpy().reshape(S, R, -1),
                 "x2": alg["saliency_x2"].cpu().numpy().reshape(S, R, -1),
@@ -262,7 +297,8 @@ def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
     return {"rows": rows, "per_run": per_run, "correlations": correlations, "settings": sweep.settings,
             "saliency": saliency, "mode": cfg["alg1"]["mode"], "mask_dim": cfg["alg1"]["mask_dim"],
             "teacher_acc": teacher_acc, "no_kd_acc": no_kd_acc, "masked_teacher_acc": masked_teacher_acc,
-            "timings": dict(sweep.timings), "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "timings": dict(sweep.timings), "cpu_timings": dict(sweep.cpu_timings), "seconds": seconds,
+            "cpu_seconds": cpu_seconds,
             "threads": torch.get_num_threads()}
 
 

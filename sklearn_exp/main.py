@@ -76,6 +76,8 @@ def validate(cfg: dict) -> None:
         raise C.ConfigError(f"analysis.ncjsd_split: expected train or test, got {cfg['analysis']['ncjsd_split']!r}")
     if cfg["analysis"]["js_variant"] not in ("textbook", "reference"):
         raise C.ConfigError(f"analysis.js_variant: expected textbook or reference, got {cfg['analysis']['js_variant']!r}")
+    if a["saliency"] not in ("rank1", "common"):
+        raise C.ConfigError(f"alg1.saliency: expected rank1 or common, got {a['saliency']!r}")
     if cfg["threads"] < 0:
         raise C.ConfigError(f"threads must be ≥ 0 (0 = torch's default), got {cfg['threads']}")
     for key in ("train.epochs", "alg1.epochs", "alg1.repeats", "alg1.chunk_channels", "train.chunk_runs", "model.hidden"):
@@ -97,7 +99,7 @@ def run(cfg: dict, out: str | Path, device: str = "auto") -> tuple[RunDir, dict]
     sal = results["saliency"]
     rd.write_summary({"experiment": "sklearn_exp", "config": cfg, "seconds": results["seconds"],
                       "cpu_seconds": results["cpu_seconds"], "threads": results["threads"],
-                      "timings": results["timings"], "rows": results["rows"],
+                      "timings": results["timings"], "cpu_timings": results["cpu_timings"], "rows": results["rows"],
                       "correlations": results["correlations"],
                       "alg1": {"mode": results["mode"], "mask_dim": results["mask_dim"],
                                "kept_x1": sal["kept_x1"], "kept_x2": sal["kept_x2"],

@@ -5,16 +5,20 @@ ReLU → Linear → ReLU → Linear, feature-major (R, D, N) → (R, C, N). The 
 ignored `beta` argument and its dropout (p = 0) are left out; its global-RNG reseeding is replaced by per-run seeds.
 
 `fit` trains such stacks by plain / momentum SGD with a hand-written backward pass:
-- the MLP's backward (bmm for the weight and input gradients, a fused ReLU mask) runs on `chunk` runs at a time, so
-  the (chunk, 16, 6000) activations stay in cache instead of streaming 20 MB tensors through memory per op;
-- the loss itself goes through autograd, but only on the (R, C, N) logits (and the objective's own parameters:
-  FitNet regressor, CRD embeddings), so any `common.kd` objective, ω mask or the Alg. 1 joint loss works unchanged;
-- for the plain cross-entropy the logit gradient is the closed form (softmax − onehot) / N, fused per chunk.
-It performs exactly the updates of autograd + `torch.optim.SGD` (momentum, no dampening) on the run-summed loss
-(tested against `common.vectorized.fit` and `common.saliency.joint_train`), about twice as fast on 2 CPU cores.
+- the MLP's backward (bmm for the weight and input gradients, a fused ReLU mask) runs on `chunk` runs at a time
+  (default 1), so the (chunk, 16, 6000) activations stay in cache instead of streaming 20 MB tensors through memory;
+  the per-block parameter / gradient views are built once per fit, not per epoch;
+- losses with a closed-form logit gradient that is local to each run — the cross-entropy (`ce_grad`), CE + KL
+  (`kd_kl_grad`, the frozen teacher's softmax computed once) and Alg. 1's joint CE + CE + non-target JS
+  (`joint_ncjsd_grad`) — are done block by block, forward → gradient → backward, with no autograd at all;
+- any other loss (every `common.kd` objective, the ω mask, the reference's JS variant) goes through autograd on the
+  (R, C, N) logits only (and the objective's own parameters: FitNet regressor, CRD embeddings).
+It performs exactly the updates of autograd + `torch.optim.SGD` (momentum, no dampening) on the run-summed loss, up
+to float rounding (tested against `common.vectorized.fit` and `common.saliency.joint_train`).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -38,76 +42,172 @@ def _linears(model: nn.Module) -> list[BatchedLinear]:
     return mods[::2]
 
 
-def _forward(layers, x, sl):
-    """Activations [x, h1, ...] (inputs of each layer) and the logits, for the runs in slice sl."""
-    acts, h = [], x[sl]
-    for i, lin in enumerate(layers):
+def _slice_views(layers, x, sl, grads):
+    """Per-layer (W, b, gW, gb) views of the runs in sl, and x[sl]: built once per fit, not once per epoch (the
+    parameters are updated in place, so the views stay valid)."""
+    return [(lin.weight[sl], lin.bias[sl], gw[sl], gb[sl]) for lin, (gw, gb) in zip(layers, grads)], x[sl]
+
+
+def _forward(views, x):
+    """Activations [x, h1, ...] (inputs of each layer) and the logits of one block of runs."""
+    acts, h = [], x
+    last = len(views) - 1
+    for i, (w, b, _, _) in enumerate(views):
         acts.append(h)
-        h = torch.baddbmm(lin.bias[sl], lin.weight[sl], h)
-        if i < len(layers) - 1:
+        h = torch.baddbmm(b, w, h)
+        if i < last:
             h = h.relu_()
     return acts, h
 
 
-def _backward(layers, acts, g, sl, grads):
-    """Write ∂L/∂W, ∂L/∂b of the runs in sl into grads[i] = (gW, gb), from the logit gradient g."""
-    for i in range(len(layers) - 1, -1, -1):
-        gw, gb = grads[i]
-        torch.bmm(g, acts[i].transpose(1, 2), out=gw[sl])
-        torch.sum(g, 2, keepdim=True, out=gb[sl])
+def _backward(views, acts, g):
+    """Write ∂L/∂W, ∂L/∂b of one block of runs into its gradient views, from the logit gradient g."""
+    for i in range(len(views) - 1, -1, -1):
+        w, _, gw, gb = views[i]
+        torch.bmm(g, acts[i].transpose(1, 2), out=gw)
+        torch.sum(g, 2, keepdim=True, out=gb)
         if i:
-            g = torch.bmm(layers[i].weight[sl].transpose(1, 2), g)
+            g = torch.bmm(w.transpose(1, 2), g)
             g = torch.ops.aten.threshold_backward(g, acts[i], 0)   # ReLU mask: acts[i] = relu(pre-activation)
+
+
+def ce_grad(labels: torch.Tensor, n_classes: int, dtype=torch.float32) -> Callable:
+    """grad_fn of the run-summed mean cross-entropy of one model: (softmax(z) − onehot(y)) / N per block."""
+    onehot = F.one_hot(labels.long(), n_classes).transpose(1, 2).to(dtype)
+    n = labels.shape[-1]
+
+    def grad(sl, logits):
+        return [logits[0].softmax(1).sub_(onehot[sl]).div_(n)]
+    return grad
+
+
+def _nontarget(z: torch.Tensor, target_inf: torch.Tensor, support: torch.Tensor):
+    """Non-target distribution of (G, C, N) logits along axis 1: p̂ and log p̂, both 0 in the target slot (the
+    quantities of common.divergence.split_log_probs, computed with fewer passes). target_inf is −inf in the target
+    slot and 0 elsewhere, support 0 / 1 (an add and a multiply: much faster on CPU than masked_fill)."""
+    top = (z + target_inf).amax(1, keepdim=True)   # max over the non-target classes
+    d = (z - top).mul_(support)                     # target slot 0 before the exp: no overflow, no inf·0
+    e = d.exp().mul_(support)
+    s = e.sum(1, keepdim=True)
+    return e.div_(s), d.sub_(s.log_()).mul_(support)
+
+
+def _log_mean_exp2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """log((eᵃ + eᵇ)/2) = max(a, b) + log(1 + e^−|a−b|) − log 2. torch.logaddexp and torch.log1p are unvectorised
+    slow paths on this CPU build (~25 ns per element); these are vectorised passes. 1 + e^−|a−b| lies in (1, 2], so
+    log(1 + u) instead of log1p(u) costs at most one float32 rounding of the result (absolute, ~6e-8)."""
+    return torch.maximum(a, b).add_((a - b).abs_().neg_().exp_().add_(1.0).log_()).sub_(math.log(2.0))
+
+
+def target_masks(labels: torch.Tensor, n_classes: int, dtype=torch.float32):
+    """(onehot, support, target_inf) of (G, N) labels, each (G, C, N): 1 / 0 / −inf at the target class."""
+    onehot = F.one_hot(labels.long(), n_classes).transpose(1, 2).to(dtype)
+    return onehot, 1 - onehot, torch.zeros_like(onehot).masked_fill_(onehot.bool(), float("-inf"))
+
+
+def joint_ncjsd_grad(labels: torch.Tensor, n_classes: int, weight: float = 1.0) -> Callable:
+    """grad_fn of Alg. 1's joint loss Σ_runs [CE(z_t) + CE(z_s) + weight · mean_n JS(p̂_s, p̂_t)] (textbook JS of
+    the non-target distributions, common.divergence.nontarget_js) in closed form, for the logits [z_t, z_s].
+
+    With M = (P + Q)/2, ∂JS/∂P_c = ½ log(P_c / M_c), and through the non-target softmax
+    ∂JS/∂z_c = P_c (h_c − Σ_k P_k h_k), h = ½ (log P − log M), for c ≠ y (0 for the target class).
+    """
+    onehot, support, target_inf = target_masks(labels, n_classes)
+    n = labels.shape[-1]
+
+    def js_part(p, log_p, log_m):
+        h = (log_p - log_m).mul_(0.5)
+        return p * (h - (p * h).sum(1, keepdim=True))
+
+    def grad(sl, logits):
+        z_t, z_s = logits
+        ti, sp, oh = target_inf[sl], support[sl], onehot[sl]
+        p_t, log_t = _nontarget(z_t, ti, sp)
+        p_s, log_s = _nontarget(z_s, ti, sp)
+        log_m = _log_mean_exp2(log_t, log_s)
+        g_t = z_t.softmax(1).sub_(oh).add_(js_part(p_t, log_t, log_m), alpha=weight).div_(n)
+        g_s = z_s.softmax(1).sub_(oh).add_(js_part(p_s, log_s, log_m), alpha=weight).div_(n)
+        return [g_t, g_s]
+    return grad
+
+
+def kd_kl_grad(labels: torch.Tensor, teacher_logits: torch.Tensor, *, ce_weight: float = 1.0, kl_weight: float = 1.0,
+               temperature: float = 1.0, reduction: str = "batchmean", t2: bool = False) -> Callable:
+    """grad_fn of ce_weight · CE + kl_weight · KL(softmax(z_t/T) ‖ softmax(z_s/T)) (common.kd "ce" + "kl", no mask)
+    in closed form: ∂/∂z_s = [ce_weight (softmax(z_s) − onehot) + kl_weight · f · (softmax(z_s/T) − p_t) / T] / N,
+    f = T² (t2) / C (reduction "mean"). The frozen teacher's p_t = softmax(z_t/T) is computed once, not per epoch."""
+    n_classes, n = teacher_logits.shape[1], labels.shape[-1]
+    onehot = F.one_hot(labels.long(), n_classes).transpose(1, 2).to(teacher_logits.dtype)
+    p_t = (teacher_logits / temperature).softmax(1)
+    scale = kl_weight / temperature * (temperature ** 2 if t2 else 1.0) / (n_classes if reduction == "mean" else 1)
+
+    def grad(sl, logits):
+        z = logits[0]
+        p = z.softmax(1)
+        p_s = p if temperature == 1.0 else (z / temperature).softmax(1)
+        g = (p_s - p_t[sl]).mul_(scale)
+        return [g.add_(p.sub_(onehot[sl]), alpha=ce_weight).div_(n)]
+    return grad
 
 
 def fit(models: Sequence[nn.Module], inputs: Sequence[torch.Tensor], *, epochs: int, lr: float,
         momentum: float = 0.0, labels: torch.Tensor | None = None,
-        loss_fn: Callable[[list[torch.Tensor]], torch.Tensor] | None = None, extra_params=(),
-        chunk: int | None = None, progress: bool = False, desc: str | None = None) -> list[nn.Module]:
+        loss_fn: Callable[[list[torch.Tensor]], torch.Tensor] | None = None, grad_fn: Callable | None = None,
+        extra_params=(), chunk: int | None = None, progress: bool = False, desc: str | None = None) -> list[nn.Module]:
     """Full-batch SGD of one or more batched MLP stacks on one loss; every tensor (R, ·, N) with the same R.
 
+    The loss is given in one of three ways:
     loss_fn(logits) → scalar, summed over runs (so run r's gradient is its own loss's); logits is the list of the
-        models' (R, C, N) outputs. None: the cross-entropy of a single model against `labels` (run-summed mean CE).
-    extra_params: further parameters of the loss (a common.kd Objective's), stepped with the models'.
-    chunk: runs per backward block (None: all at once).
+        models' (R, C, N) outputs; differentiated by autograd on the logits (any common.kd objective).
+    grad_fn(sl, logits) → the list of ∂loss/∂logits for the runs in slice sl, given those runs' logits (a closed form
+        that is local to each run: `ce_grad`, `joint_ncjsd_grad`, `kd_kl_grad`); each block of runs is then done
+        forward → gradient → backward while its activations are in cache.
+    neither: the cross-entropy of a single model against `labels` (run-summed mean CE, `ce_grad`).
+    extra_params: further parameters of the loss_fn (a common.kd Objective's), stepped with the models'.
+    chunk: runs per forward / backward block (None: all at once).
     Returns the models, in eval mode.
     """
-    if loss_fn is None and (len(models) != 1 or labels is None):
-        raise ValueError("without loss_fn, fit trains one model on the cross-entropy against labels")
+    if loss_fn is not None and grad_fn is not None:
+        raise ValueError("give loss_fn or grad_fn, not both")
+    if loss_fn is None and grad_fn is None:
+        if len(models) != 1 or labels is None:
+            raise ValueError("without loss_fn / grad_fn, fit trains one model on the cross-entropy against labels")
     stacks = [_linears(m) for m in models]
     runs = stacks[0][0].runs
     if any(layers[0].runs != runs for layers in stacks) or any(x.shape[0] != runs for x in inputs):
         raise ValueError("every model and input must have the same number of runs")
+    if loss_fn is None and grad_fn is None:
+        grad_fn = ce_grad(labels, stacks[0][-1].out_features, inputs[0].dtype)
     chunk = runs if not chunk or chunk > runs else int(chunk)
     slices = [slice(s, min(s + chunk, runs)) for s in range(0, runs, chunk)]
     params = [p for layers in stacks for lin in layers for p in (lin.weight, lin.bias)]
     grads = [[(torch.empty_like(lin.weight), torch.empty_like(lin.bias)) for lin in layers] for layers in stacks]
     flat_grads = [g for per_model in grads for pair in per_model for g in pair]
+    # views[k][j] = (per-layer views, input) of model k for block j
+    views = [[_slice_views(layers, x, sl, per) for sl in slices] for layers, x, per in zip(stacks, inputs, grads)]
     extra = [p for p in extra_params if p.requires_grad]
     extra_opt = torch.optim.SGD(extra, lr=lr, momentum=momentum) if extra else None
     buffers: list[torch.Tensor | None] = [None] * len(params)
-    if loss_fn is None:
-        n = labels.shape[-1]
-        onehot = F.one_hot(labels.long(), stacks[0][-1].out_features).transpose(1, 2).to(inputs[0].dtype)
     for m in models:
         m.train()
     bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
     with torch.no_grad():
         for _ in bar:
-            if loss_fn is None:
-                for sl in slices:
-                    acts, z = _forward(stacks[0], inputs[0], sl)
-                    g = z.softmax(1).sub_(onehot[sl]).div_(n)
-                    _backward(stacks[0], acts, g, sl, grads[0])
+            if grad_fn is not None:
+                for j, sl in enumerate(slices):
+                    cached = [_forward(per[j][0], per[j][1]) for per in views]
+                    gs = grad_fn(sl, [z for _, z in cached])
+                    for per, (acts, _), g in zip(views, cached, gs):
+                        _backward(per[j][0], acts, g)
             else:
-                cached = [[_forward(layers, x, sl) for sl in slices] for layers, x in zip(stacks, inputs)]
+                cached = [[_forward(v, x) for v, x in per] for per in views]
                 logits = [torch.cat([z for _, z in per], 0).requires_grad_() for per in cached]
                 with torch.enable_grad():
                     loss = loss_fn(logits)
                     g_all = torch.autograd.grad(loss, logits + extra, allow_unused=True)
-                for k, (layers, per) in enumerate(zip(stacks, cached)):
-                    for sl, (acts, _) in zip(slices, per):
-                        _backward(layers, acts, g_all[k][sl], sl, grads[k])
+                for k, (per_views, per) in enumerate(zip(views, cached)):
+                    for sl, (v, _), (acts, _) in zip(slices, per_views, per):
+                        _backward(v, acts, g_all[k][sl])
                 if extra_opt is not None:
                     for p, g in zip(extra, g_all[len(logits):]):
                         p.grad = torch.zeros_like(p) if g is None else g
