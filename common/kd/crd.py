@@ -21,12 +21,56 @@ import torch
 import torch.nn.functional as F
 
 from common.kd.base import DistillLoss, register
+from common.kd.relational import _cols, feature_major
 from common.vectorized import BatchedLinear
 
 
 def _l2_normalize(x, eps: float = 1e-12):
-    # = F.normalize(x, dim=-1), written out: vector_norm over a short last axis is slow on CPU
-    return x / x.pow(2).sum(-1, keepdim=True).sqrt().clamp_min(eps)
+    """= F.normalize(x, dim=-1), written out: vector_norm or a sum over a short last axis is slow on CPU, a
+    matrix-vector product with ones is not."""
+    sq = torch.matmul(x * x, x.new_ones(x.shape[-1], 1))
+    return x / sq.sqrt().clamp_min(eps)
+
+
+class _NCERows(torch.autograd.Function):
+    """Per-anchor NCE loss (G, B) from the scores dots (G, B, K+1) (column 0 the positive), with the gradient
+    computed in closed form during the forward pass.
+
+    With log p = dots/T − log Z and c = K/n + ε the loss of anchor b is
+        −log(p_0 / (p_0 + c)) − (K/draws) Σ_{k≥1} log((K/n) / (p_k + c))
+    (CRD's eq. 18, each drawn negative standing for K/draws of them), and its derivative w.r.t. the scores is
+        (p_0/(p_0 + c) − 1)/T for the positive and (K/draws)·p_k/(p_k + c)/T for each negative.
+    One pass for the value and the gradient, instead of autograd's record and replay of a dozen elementwise ops.
+    """
+
+    @staticmethod
+    def forward(ctx, dots, log_z, inv_t: float, c: float, log_kpn: float, neg_weight: float):
+        log_p = dots * inv_t - log_z
+        p = log_p.exp()
+        p_c = p + c
+        log_pc = p_c.log()
+        rows = (log_pc[..., 0] - log_p[..., 0]
+                + neg_weight * (log_pc[..., 1:].sum(-1) - (dots.shape[-1] - 1) * log_kpn))
+        grad = p.div_(p_c)                                   # p/(p + c)
+        pos = (grad[..., 0] - 1) * inv_t
+        grad.mul_(neg_weight * inv_t)
+        grad[..., 0] = pos
+        ctx.save_for_backward(grad)
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        grad, = ctx.saved_tensors
+        return grad * grad_rows.unsqueeze(-1), None, None, None, None, None
+
+
+def _embed(layer: BatchedLinear, x: torch.Tensor) -> torch.Tensor:
+    """L2-normalised embeddings, sample-major (G, N, f), of feature-major samples x (G, D, N).
+
+    The same map as ``layer(x)`` (W x + b per group), computed as xᵀWᵀ + bᵀ so that it lands directly in the
+    (G, N, f) row layout of the memory bank, without a transposed copy.
+    """
+    return _l2_normalize(torch.baddbmm(layer.bias.transpose(1, 2), x.transpose(1, 2), layer.weight.transpose(1, 2)))
 
 
 @register("crd")
@@ -70,29 +114,31 @@ class CRDistill(DistillLoss):
         neg = self.order.gather(1, pos.view(g, -1)).view(g, b, self.draws)
         return torch.cat([idx.unsqueeze(-1), neg], -1)
 
-    def _nce(self, anchors, memory, cidx, z, w):
+    def _nce(self, anchors, memory, cidx, flat, z, w):
+        """Per-run NCE loss of anchors (G, B, f) against memory rows cidx (G, B, K+1); flat: cidx as rows of the
+        (G·n, f) bank."""
         g, n, f = memory.shape
-        if n <= 4 * cidx.shape[-1]:
+        b, k1 = cidx.shape[1:]
+        if n <= 4 * k1:
             # small bank: score every entry with one batched matmul, then pick — cheaper than gathering vectors
             dots = torch.bmm(anchors, memory.transpose(1, 2)).gather(2, cidx)
         else:
-            # rows of the (G·n, f) bank: index_select on contiguous rows beats fancy indexing on CPU
-            flat = (cidx + torch.arange(g, device=cidx.device).view(g, 1, 1) * n).reshape(-1)
-            bank = memory.reshape(g * n, f).index_select(0, flat).view(*cidx.shape, f)   # (G, B, K+1, f)
-            dots = (bank * anchors.unsqueeze(2)).sum(-1)
-        scores = torch.exp(dots / self.nce_t)
-        if (z < 0).any():
-            z.copy_(torch.where(z < 0, scores.detach().mean((1, 2)) * self.n_data, z))
-        p = scores / z.view(g, 1, 1)
+            # the K+1 rows of each anchor, then one (K+1, f) @ (f, 1) product per anchor: index_select on
+            # contiguous rows beats fancy indexing, and bmm beats a multiply-and-sum over the short f axis
+            bank = memory.reshape(g * n, f).index_select(0, flat).view(g * b, k1, f)
+            dots = torch.bmm(bank, anchors.reshape(g * b, f, 1)).view(g, b, k1)
+        if (z < 0).any():  # Z = n_data · mean score, fixed at the first call (CRD's normaliser)
+            z.copy_(torch.where(z < 0, torch.exp(dots.detach() / self.nce_t).mean((1, 2)) * self.n_data, z))
         k_pn = self.nce_k / self.n_data
-        log_pos = torch.log(p[..., 0] / (p[..., 0] + k_pn + self.eps))
-        log_neg = torch.log(k_pn / (p[..., 1:] + k_pn + self.eps)).mean(-1) * self.nce_k
-        return self.reduce_rows(-(log_pos + log_neg), w)
+        rows = _NCERows.apply(dots, z.log().view(g, 1, 1), 1.0 / self.nce_t, k_pn + self.eps, math.log(k_pn),
+                              self.nce_k / (k1 - 1))
+        return self.reduce_rows(rows, w)
 
     def forward(self, student_out, teacher_out, labels=None, omega=None, index=None):
-        s, t = self._samples(student_out, "student_out"), self._samples(teacher_out, "teacher_out")
-        g, b = s.shape[:2]
-        if index is None:
+        s, t = feature_major(self, student_out, "student_out"), feature_major(self, teacher_out, "teacher_out")
+        g, b = s.shape[0], s.shape[2]
+        full = index is None
+        if full:
             if b != self.n_data:
                 raise ValueError(f"crd: pass index= (dataset indices) unless the batch is the whole dataset "
                                  f"(batch {b}, n_data {self.n_data})")
@@ -103,17 +149,38 @@ class CRDistill(DistillLoss):
         if self.class_negatives and y is None:
             raise ValueError("crd: class-aware negatives (dataset_labels) need the labels")
         w = None if omega is None else self._per_row(omega, (g, b), "omega")
-        # embeddings (G, N, f); the embed layers are feature-major, hence the transposes
-        vs = _l2_normalize(self.embed_s(s.transpose(1, 2)).transpose(1, 2))
-        vt = _l2_normalize(self.embed_t(t.transpose(1, 2)).transpose(1, 2))
-        a_vs, a_vt, a_idx, a_y, a_w = self.subsample_rows(self.sample_rows, vs, vt, idx, y, w)
+        # anchors: sample_rows random samples per run (all of them without), embedded with gradients
+        m = self.sample_rows
+        if m is not None and m < b:
+            # m distinct random samples per run (the m smallest of one uniform draw each, as subsample_rows)
+            keep = torch.rand(g, b, device=s.device).topk(m, 1, largest=False, sorted=False).indices
+            a_s, a_t = _cols(s, keep), _cols(t, keep)
+            a_idx = idx.gather(1, keep)
+            a_y = None if y is None else y.gather(1, keep)
+            a_w = None if w is None else w.gather(1, keep)
+        else:
+            a_s, a_t, a_idx, a_y, a_w = s, t, idx, y, w
+        vs, vt = _embed(self.embed_s, a_s), _embed(self.embed_t, a_t)                 # (G, B, f)
         cidx = self._contrast_index(a_idx, a_y)
+        n = self.n_data
+        flat = (cidx + torch.arange(g, device=cidx.device).view(g, 1, 1) * n).reshape(-1)
         # student anchors against the teacher memory, teacher anchors against the student memory
-        loss = self._nce(a_vs, self.memory_t, cidx, self.z_s, a_w) + self._nce(a_vt, self.memory_s, cidx, self.z_t, a_w)
+        loss = (self._nce(vs, self.memory_t, cidx, flat, self.z_s, a_w)
+                + self._nce(vt, self.memory_s, cidx, flat, self.z_t, a_w))
         with torch.no_grad():  # momentum update, out of place: the old banks are saved for this step's backward
-            ar = torch.arange(g, device=s.device).view(g, 1)
-            for name, v in (("memory_s", vs), ("memory_t", vt)):
-                memory = getattr(self, name)
-                updated = _l2_normalize(memory[ar, idx] * self.nce_m + v.detach() * (1 - self.nce_m))
-                setattr(self, name, memory.index_put((ar, idx), updated))
+            if vs.shape[1] == b:
+                new_s, new_t = vs.detach(), vt.detach()
+            else:  # every sample of the batch updates its memory row, anchors or not
+                new_s, new_t = _embed(self.embed_s, s), _embed(self.embed_t, t)
+            if full:  # the batch is the whole bank in index order: no indexing needed
+                for name, v in (("memory_s", new_s), ("memory_t", new_t)):
+                    mixed = torch.lerp(v, getattr(self, name), self.nce_m)   # m · memory + (1 − m) · v
+                    setattr(self, name, mixed.div_(torch.matmul(mixed * mixed, v.new_ones(v.shape[-1], 1))
+                                                   .sqrt_().clamp_min_(1e-12)))
+            else:
+                ar = torch.arange(g, device=s.device).view(g, 1)
+                for name, v in (("memory_s", new_s), ("memory_t", new_t)):
+                    memory = getattr(self, name)
+                    updated = _l2_normalize(memory[ar, idx] * self.nce_m + v * (1 - self.nce_m))
+                    setattr(self, name, memory.index_put((ar, idx), updated))
         return loss
