@@ -126,3 +126,41 @@ def ccc_np(pred, gold) -> float:
 def ccc_loss(pred: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
     """1 - CCC over all elements: 0 for perfect agreement, up to 2 for perfect anti-agreement."""
     return 1 - ccc(pred.reshape(-1), gold.reshape(-1), dim=-1)
+
+
+def _average_ranks(v: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties sharing their average rank (scipy.stats.rankdata's default)."""
+    order = np.argsort(v, kind="mergesort")
+    sorted_v = v[order]
+    starts = np.flatnonzero(np.r_[True, sorted_v[1:] != sorted_v[:-1]])      # first index of each tie block
+    ends = np.r_[starts[1:], v.size]
+    ranks = np.empty(v.size)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks
+
+
+def spearman(x, y) -> tuple[float, float]:
+    """Spearman's rank correlation ρ and its two-sided p-value (t-distribution with n − 2 degrees of freedom), as
+    scipy.stats.spearmanr; NaN for constant input or n < 3. Written out so that a run does not import scipy.stats
+    (over a second of start-up) for one number."""
+    from scipy.special import stdtr
+
+    x, y = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
+    if x.size != y.size:
+        raise ValueError(f"spearman: x has {x.size} values, y has {y.size}")
+    n = x.size
+    if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan"), float("nan")
+    rho = float(np.clip(np.corrcoef(_average_ranks(x), _average_ranks(y))[0, 1], -1.0, 1.0))
+    if abs(rho) == 1.0:
+        return rho, 0.0
+    t = rho * np.sqrt((n - 2) / (1 - rho * rho))
+    return rho, float(2 * stdtr(n - 2, -abs(t)))
+
+
+def spearman_summary(x: np.ndarray, y: np.ndarray) -> dict:
+    """(settings, runs) arrays → ρ over every run of every setting (with p and n), and ρ over the per-setting
+    means (NaN with fewer than 3 settings): the NTDH check of the synthetic experiments."""
+    rho, p = spearman(x, y)
+    rho_means = spearman(x.mean(1), y.mean(1))[0] if x.shape[0] > 2 else float("nan")
+    return {"rho": rho, "p": p, "n": int(x.size), "rho_means": rho_means}

@@ -1,14 +1,21 @@
-"""The few plot shapes the experiments share, written as PNG files (headless matplotlib)."""
+"""The few plot shapes the experiments share, written as PNG files.
+
+Figures are built with matplotlib's object interface (`Figure`, rendered by the Agg backend on save): no pyplot, so
+no GUI backend, no global figure registry to leak, and ~0.6 s less start-up for every run that plots.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+def figure(nrows: int = 1, ncols: int = 1, **kw):
+    """(fig, axes) like pyplot.subplots, without pyplot."""
+    fig = Figure(figsize=kw.pop("figsize", (6.4, 4.2)))
+    return fig, fig.subplots(nrows, ncols, **kw)
 
 
 def _save(fig, path) -> Path:
@@ -16,14 +23,13 @@ def _save(fig, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
 def line_plot(path, x: Sequence[float], series: Mapping[str, tuple], *, xlabel: str, ylabel: str, title: str = "",
               hline: float | None = None) -> Path:
     """One line per series; a series is (mean,) or (mean, std) over x, std drawn as error bars."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = figure(figsize=(6.4, 4.2))
     for label, values in series.items():
         mean = np.asarray(values[0], dtype=float)
         std = np.asarray(values[1], dtype=float) if len(values) > 1 and values[1] is not None else None
@@ -39,7 +45,7 @@ def line_plot(path, x: Sequence[float], series: Mapping[str, tuple], *, xlabel: 
 def scatter_plot(path, series: Mapping[str, tuple], *, xlabel: str, ylabel: str, title: str = "",
                  means: Mapping[str, tuple] | None = None) -> Path:
     """Scatter of (x, y) per series (small, translucent), optionally with per-group means (x̄, ȳ, ȳ_std) on top."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = figure(figsize=(6.4, 4.2))
     for i, (label, (x, y)) in enumerate(series.items()):
         color = f"C{i}"
         ax.scatter(x, y, s=6, alpha=0.25, color=color)
@@ -56,7 +62,7 @@ def scatter_plot(path, series: Mapping[str, tuple], *, xlabel: str, ylabel: str,
 
 def grouped_bars(path, groups: Sequence[str], series: Mapping[str, tuple], *, ylabel: str, title: str = "") -> Path:
     """Bars for each group, one bar per series; a series is (values,) or (values, errors)."""
-    fig, ax = plt.subplots(figsize=(max(6.4, 0.9 * len(groups) * max(1, len(series)) / 2), 4.2))
+    fig, ax = figure(figsize=(max(6.4, 0.9 * len(groups) * max(1, len(series)) / 2), 4.2))
     width = 0.8 / max(1, len(series))
     x = np.arange(len(groups))
     for i, (label, values) in enumerate(series.items()):
@@ -75,7 +81,7 @@ def vector_plot(path, values, *, title: str = "", marked: Sequence[int] = (), ma
     values = np.asarray(values, dtype=float)
     marked = np.asarray(list(marked), dtype=int)
     panels = 2 if sorted_panel else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6.4 * panels, 3.6), squeeze=False)
+    fig, axes = figure(1, panels, figsize=(6.4 * panels, 3.6), squeeze=False)
     ax = axes[0, 0]
     ax.bar(np.arange(len(values)), values, color="C0", width=1.0)
     if marked.size:

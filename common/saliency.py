@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from common.divergence import nontarget_js
+from common.divergence import JS_VARIANTS, nontarget_js
+from common.vectorized import BatchedLinear
 
 INTERVENTIONS = ("permute", "zero", "mean")
 DISTANCES = ("mse", "ncjsd", "l1")
@@ -259,6 +260,58 @@ def _expand_copies(a: torch.Tensor, channels: torch.Tensor, op: str, batch_dim: 
     return copies.flatten(b, b + 1)
 
 
+def _leading_linear(model: nn.Module) -> nn.Module | None:
+    """The layer that receives the model's input, when it is linear: the model itself or the first entry of
+    (nested) nn.Sequential, a BatchedLinear with a runs axis or an nn.Linear; None otherwise."""
+    m = model
+    while isinstance(m, nn.Sequential) and len(m):
+        m = m[0]
+    if isinstance(m, BatchedLinear) and m.runs is not None or type(m) is nn.Linear:
+        return m
+    return None
+
+
+def _rank1_layout(layer: nn.Module, x: torch.Tensor, batch_dim: int, channel_dim: int | None) -> bool:
+    """Whether the input's channel axis is the layer's input-feature axis: (R, D, N) with batch_dim 2 for a
+    BatchedLinear, (B, D) with batch_dim 0 for an nn.Linear."""
+    if isinstance(layer, BatchedLinear):
+        return x.dim() == 3 and _axes(x, batch_dim, channel_dim) == (2, 1)
+    return x.dim() == 2 and _axes(x, batch_dim, channel_dim) == (0, 1)
+
+
+def _rank1_copies(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, channels: torch.Tensor, op: str,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """The first linear layer's output on the k intervened copies of its input that `_expand_copies` would build
+    (the same random draws, in the same order), from its clean output alone.
+
+    Changing input channel c from x_c to x̃_c changes W x + b by the rank-1 term W[:, c] ⊗ (x̃_c − x_c), so a copy
+    costs one multiply-add of the layer's output size, and neither the (k × input) copies nor the k first-layer
+    matmuls are made. The copy axis goes right before the batch axis, as in `_expand_copies`.
+    """
+    k = channels.numel()
+    channels = channels.to(x.device)
+    if isinstance(layer, BatchedLinear):          # x (R, D, N), out (R, H, N), weight (R, H, D)
+        clean = x[:, channels]                    # (R, k, N)
+        n = x.shape[2]
+    else:                                         # x (B, D), out (B, H), weight (H, D)
+        clean = x[:, channels].t()                # (k, B)
+        n = x.shape[0]
+    if op == "zero":
+        delta = -clean
+    elif op == "mean":
+        delta = clean.mean(-1, keepdim=True) - clean
+    else:
+        perms = torch.stack([_randperm(n, generator, x.device) for _ in range(k)])   # (k, n), in copy order
+        delta = clean.gather(-1, perms.expand_as(clean)).sub_(clean)
+    if isinstance(layer, BatchedLinear):
+        w = layer.weight[:, :, channels]                                          # (R, H, k)
+        copies = torch.addcmul(out.unsqueeze(2), w.unsqueeze(-1), delta.unsqueeze(1))   # (R, H, k, N)
+        return copies.flatten(2, 3)
+    w = layer.weight[:, channels].t()                                             # (k, H)
+    copies = torch.addcmul(out.unsqueeze(0), delta.unsqueeze(-1), w.unsqueeze(1))       # (k, B, H)
+    return copies.flatten(0, 1)
+
+
 def _class_axis(out: torch.Tensor, batch_dim: int, class_dim: int) -> int:
     """The class axis of a model output as a non-negative index; it must differ from the batch (samples) axis."""
     if not -out.dim() <= class_dim < out.dim() or class_dim % out.dim() == batch_dim:
@@ -271,29 +324,60 @@ def _without(shape: torch.Size, dim: int) -> torch.Size:
     return shape[:dim] + shape[dim + 1:]
 
 
-def _copy_distances(h_t: torch.Tensor, h_s: torch.Tensor, y: torch.Tensor, distance: Distance, variant: str,
-                    batch_dim: int, class_dim: int) -> torch.Tensor:
-    """Distance of each intervened copy to the student, averaged over samples (and classes / positions).
+def _nontarget_index(labels: torch.Tensor, n_classes: int, class_dim: int) -> torch.Tensor:
+    """Ids of the C − 1 non-target classes of every sample, increasing, on a new axis class_dim: c' + [c' ≥ y]."""
+    shape = [1] * (labels.dim() + 1)
+    shape[class_dim] = n_classes - 1
+    ar = torch.arange(n_classes - 1, device=labels.device).view(shape)
+    return ar + (ar >= labels.long().unsqueeze(class_dim)).long()
 
-    h_s is the student's output with batch axis batch_dim and class axis class_dim (non-negative, as `_class_axis`
-    returns); h_t is the teacher's, with the k copies on a new axis right before the batch axis, (..., k, B, ...).
-    Returns (..., k), the leading axes being the group axes of h_s (before batch_dim, class axis excluded).
-    """
-    b = batch_dim
-    if callable(distance):
-        per_copy = [torch.as_tensor(distance(h_t.select(b, j), h_s, y)) for j in range(h_t.shape[b])]
-        return torch.stack(per_copy, -1)
-    classes = class_dim + (class_dim > b)  # the class axis of h_t
-    copy_axis = b - (class_dim < b)  # the copy axis once the class axis is reduced away
-    student = h_s.unsqueeze(b).expand_as(h_t)
-    if distance == "mse":
-        per_sample = (h_t - student).pow(2).mean(classes)
-    elif distance == "l1":
-        per_sample = (h_t - student).abs().mean(classes)
-    else:
-        labels = y.expand(_without(h_s.shape, class_dim)).unsqueeze(copy_axis).expand(_without(h_t.shape, classes))
-        per_sample = nontarget_js(student, h_t, labels, variant, dim=classes)
-    return per_sample.flatten(copy_axis + 1).mean(-1)  # mean over the batch (and positions)
+
+class _FixedStudent:
+    """The student's output of one batch — fixed during step 2 — with what every copy's distance needs computed
+    once: for "ncjsd", the student's non-target log-probabilities (and P log P), so each copy costs one gather and
+    one log-softmax over its own C − 1 non-target logits (the value of common.divergence.nontarget_js)."""
+
+    def __init__(self, h_s: torch.Tensor, y: torch.Tensor, distance: Distance, variant: str, batch_dim: int,
+                 class_dim: int):
+        self.h, self.y, self.distance, self.variant = h_s, y, distance, variant
+        self.batch_dim, self.class_dim = batch_dim, class_dim
+        if distance == "ncjsd":
+            labels = y.expand(_without(h_s.shape, class_dim))
+            index = _nontarget_index(labels, h_s.shape[class_dim], class_dim)
+            self.log_s = h_s.gather(class_dim, index).log_softmax(class_dim).unsqueeze(batch_dim)
+            self.p_s = self.log_s.exp()
+            self.plogp_s = self.p_s * self.log_s
+            self.index = index.unsqueeze(batch_dim)   # broadcast over the copy axis
+
+    def distances(self, h_t: torch.Tensor) -> torch.Tensor:
+        """Distance of each intervened copy to the student, averaged over samples (and classes / positions).
+
+        h_t is the teacher's output with the k copies on a new axis right before the batch axis, (..., k, B, ...).
+        Returns (..., k), the leading axes being the group axes of h_s (before batch_dim, class axis excluded).
+        """
+        b, h_s = self.batch_dim, self.h
+        if callable(self.distance):
+            per_copy = [torch.as_tensor(self.distance(h_t.select(b, j), h_s, self.y)) for j in range(h_t.shape[b])]
+            return torch.stack(per_copy, -1)
+        classes = self.class_dim + (self.class_dim > b)  # the class axis of h_t
+        copy_axis = b - (self.class_dim < b)  # the copy axis once the class axis is reduced away
+        if self.distance in ("mse", "l1"):
+            diff = h_t - h_s.unsqueeze(b)
+            per_sample = (diff.pow_(2) if self.distance == "mse" else diff.abs_()).mean(classes)
+        else:
+            shape = list(h_t.shape)
+            shape[classes] -= 1
+            log_t = h_t.gather(classes, self.index.expand(shape)).log_softmax(classes)
+            p_t = log_t.exp()
+            s = p_t + self.p_s
+            # M = (P + Q)/2 underflows to 0 only where P and Q both do: those terms are 0 either way
+            log_m = (s * 0.5).clamp_min_(torch.finfo(s.dtype).tiny).log_()
+            if self.variant == "textbook":   # ½[KL(P‖M) + KL(Q‖M)] = ½ Σ [P log P + Q log Q − (P + Q) log M]
+                terms = (p_t * log_t).add_(self.plogp_s).sub_(s.mul_(log_m))
+            else:                            # the reference's ½[KL(M‖P) + KL(M‖Q)] = ½ Σ M (2 log M − log P − log Q)
+                terms = (log_m * 2).sub_(log_t).sub_(self.log_s).mul_(s.mul_(0.5))
+            per_sample = terms.sum(classes).mul_(0.5)
+        return per_sample.flatten(copy_axis + 1).mean(-1)  # mean over the batch (and positions)
 
 
 def minmax_normalize(s: torch.Tensor) -> torch.Tensor:
@@ -312,7 +396,7 @@ def saliency_vector(teacher: nn.Module, student: nn.Module, batches: Iterable, p
                     distance: Distance = "mse", repeats: int = 10, batch_dim: int = 0,
                     channel_dim: int | None = None, class_dim: int = -1, chunk: int = 64,
                     generator: torch.Generator | None = None, normalize: bool = True, variant: str = "textbook",
-                    progress: bool = False, desc: str | None = None) -> torch.Tensor:
+                    rank1: bool = True, progress: bool = False, desc: str | None = None) -> torch.Tensor:
     """Per-channel saliency of the teacher at `place` (Alg. 1 step 2): shape (C,), or (R, C) with group axes.
 
     batches: iterable of (x_teacher, x_student, y), already on the models' device; y holds one label per sample
@@ -335,9 +419,16 @@ def saliency_vector(teacher: nn.Module, student: nn.Module, batches: Iterable, p
     while everything before it runs on the B original samples only (once per chunk, i.e. ~1/k of the naive cost).
     This needs every layer after `place` to be per-sample (eval mode) and `place` to be the only path from the input
     to the output (true for "input" and for sequential models; a skip connection around `place` fails on shapes).
+
+    rank1: at place "input" of a model whose first layer is linear (a BatchedLinear with runs on (R, D, N), batch_dim
+    2, channel_dim 1 — the synthetic experiments — or an nn.Linear on (B, D)), build the k copies at that layer's
+    output by a rank-1 update of its clean output instead of copying the input (`_rank1_copies`): the same numbers
+    and random draws, up to float rounding, at a fraction of the cost. False forces the generic copy path.
     """
     _check_op(op)
     _check_distance(distance)
+    if variant not in JS_VARIANTS:
+        raise ValueError(f"variant must be one of {JS_VARIANTS}, got {variant!r}")
     if repeats < 1 or chunk < 1:
         raise ValueError(f"repeats and chunk must be >= 1, got repeats={repeats}, chunk={chunk}")
     # Zero and mean fills are deterministic: M repeats would give M identical values (spec §12, item 35).
@@ -361,14 +452,23 @@ def saliency_vector(teacher: nn.Module, student: nn.Module, batches: Iterable, p
                 if n_channels is None:
                     n_channels = channel_count(teacher, place, x_t, batch_dim, channel_dim)
                     classes = _class_axis(h_s, batch_dim, class_dim)
+                fixed = _FixedStudent(h_s, y, distance, variant, batch_dim, classes)
                 batch_size = x_t.shape[batch_dim]
                 sums = None  # Σ over repeats of d, (..., C)
+                first = _leading_linear(teacher) if rank1 and place == "input" else None
+                if first is not None and not _rank1_layout(first, x_t, batch_dim, channel_dim):
+                    first = None
                 for _ in range(n_repeats):
                     pieces = []
                     for start in range(0, n_channels, chunk):
                         channels = torch.arange(start, min(start + chunk, n_channels), device=x_t.device)
-                        expand = lambda a, ch=channels: _expand_copies(a, ch, op, batch_dim, channel_dim, generator)
-                        handle = _hook_at(teacher, place, expand)
+                        if first is not None:
+                            handle = first.register_forward_hook(
+                                lambda m, args, out, ch=channels: _rank1_copies(m, args[0], out, ch, op, generator))
+                        else:
+                            expand = lambda a, ch=channels: _expand_copies(a, ch, op, batch_dim, channel_dim,
+                                                                           generator)
+                            handle = _hook_at(teacher, place, expand)
                         try:
                             out = teacher(x_t)
                         finally:
@@ -378,7 +478,7 @@ def saliency_vector(teacher: nn.Module, student: nn.Module, batches: Iterable, p
                             raise ValueError(f"the output's batch axis has {out.shape[batch_dim]} samples, expected "
                                              f"{k}×{batch_size}: place {place!r} is not on the only path to the output")
                         h_t = out.unflatten(batch_dim, (k, batch_size))
-                        pieces.append(_copy_distances(h_t, h_s, y, distance, variant, batch_dim, classes).double())
+                        pieces.append(fixed.distances(h_t).double())
                     d = torch.cat(pieces, -1)
                     sums = d if sums is None else sums + d
                 weighted = sums * (batch_size / n_repeats)

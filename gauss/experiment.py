@@ -1,6 +1,6 @@
 """The Gaussian sweeps (NTDH / MFH γ sweep, MFH α sweep): for every setting, a teacher on x1, a no-KD baseline on x2
 and one KD student per (method, mask) on x2 — all runs of all settings trained as one batched computation
-(common.vectorized).
+(common.vectorized models, common.fastfit trainer).
 """
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import stats
 
 from common import divergence as D
+from common.fastfit import fit_objective
 from common.kd import build_objective
-from common.vectorized import BatchedLinear, accuracy, fit
+from common.metrics import spearman_summary
+from common.vectorized import BatchedLinear, accuracy
 from gauss import data
 
 CSV_COLUMNS = ["loss", "mask", "gamma", "overlap_dim", "runs", "teacher_acc", "no_kd_acc", "kd_acc", "delta_mean",
@@ -74,8 +75,9 @@ def train_linear(cfg, sweep: Sweep, x: torch.Tensor, role: int, desc: str, objec
     model = BatchedLinear(x.shape[1], int(sweep.train.y.max()) + 1, runs=sweep.groups,
                           seeds=init_seeds(cfg, sweep, role)).to(x.device)
     t = cfg["train"]
-    return fit(model, x, sweep.train.y, epochs=t["epochs"], lr=t["lr"], momentum=t["momentum"], objective=objective,
-               teacher_out=teacher_out, desc=desc, progress=cfg["progress"])
+    # CE, and CE + KL without a mask (the default), by their closed-form gradients; other objectives by autograd
+    return fit_objective(model, x, sweep.train.y, epochs=t["epochs"], lr=t["lr"], momentum=t["momentum"],
+                         objective=objective, teacher_out=teacher_out, desc=desc, progress=cfg["progress"])
 
 
 def nontarget_divergence(z_s: torch.Tensor, z_t: torch.Tensor, y: torch.Tensor, variant: str) -> torch.Tensor:
@@ -134,7 +136,7 @@ def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
                              "ncjsd": ncjsd[s].mean(), "cmd_input": cmd_input[s].mean(),
                              "cmd_output": cmd_output[s].mean()})
             log(format_table([r for r in rows if r["loss"] == method and r["mask"] == mask], method, mask))
-    correlations = {key: spearman(v["ncjsd"], v["delta"]) for key, v in per_run.items()}
+    correlations = {key: spearman_summary(v["ncjsd"], v["delta"]) for key, v in per_run.items()}
     for key, c in correlations.items():
         log(f"NTDH check {key}: Spearman ρ(non-target JS, Delta) = {c['rho']:+.3f} over {c['n']} runs "
             f"(p = {c['p']:.2g}); over the γ means ρ = {c['rho_means']:+.3f}")
@@ -148,13 +150,6 @@ def input_cmd(split: data.Split, moments: int, sweep: Sweep) -> np.ndarray:
     if split.x1.shape[1] != split.x2.shape[1]:
         return np.full((len(sweep.settings), sweep.runs), np.nan)
     return sweep.per_setting(D.cmd(split.x1.transpose(1, 2), split.x2.transpose(1, 2), moments))
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> dict:
-    """Rank correlation over every run of every setting, and over the per-setting means."""
-    rho, p = stats.spearmanr(x.ravel(), y.ravel())
-    rho_means = stats.spearmanr(x.mean(1), y.mean(1))[0] if x.shape[0] > 2 else float("nan")
-    return {"rho": float(rho), "p": float(p), "n": int(x.size), "rho_means": float(rho_means)}
 
 
 def format_table(rows: list[dict], method: str, mask: str) -> str:

@@ -93,8 +93,8 @@ def check(cfg: dict) -> None:
         need(a["op"] in modify.OPS, f"modify.alg1.op: expected one of {', '.join(modify.OPS)}, got {a['op']!r}")
         need(a["engine"] in modify.ENGINES,
              f"modify.alg1.engine: expected one of {', '.join(modify.ENGINES)}, got {a['engine']!r}")
-        need(a["epochs"] >= 1 and a["repeats"] >= 1 and a["lr"] > 0,
-             "modify.alg1: epochs and repeats must be ≥ 1 and lr > 0")
+        need(a["epochs"] >= 1 and a["repeats"] >= 1 and a["chunk_channels"] >= 1 and a["lr"] > 0,
+             "modify.alg1: epochs, repeats and chunk_channels must be ≥ 1 and lr > 0")
         need(not cfg["parity"] or d["x1_dim"] == d["x2_dim"], "parity with modify_gamma swaps x1 and x2 for the "
              f"regular KD student, so it needs x1_dim == x2_dim, got {d['x1_dim']} and {d['x2_dim']}")
     # the generators' own checks (dimensions that must fit), on a one-sample draw

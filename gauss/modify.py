@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from common import saliency
-from common.vectorized import BatchedLinear, accuracy, cross_entropy_sum, fit
+from common.fastfit import fit, fit_objective, joint_logit_grad
+from common.vectorized import BatchedLinear, accuracy, cross_entropy_sum
 from gauss import data, experiment
 
 MODES = ("random", "gt", "alg1")
@@ -86,98 +86,39 @@ def random_columns(cfg: dict, xs2: int, r: int) -> np.ndarray:
     return rng.randint(0, d, xs2) if cfg["parity"] else np.sort(rng.choice(d, xs2, replace=False))
 
 
-def _agreement(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
-    """Per-run mean over classes and samples of (a − b)² or |a − b|, summed over runs: (R, C, N) → scalar."""
-    diff = a - b
-    return (diff.pow(2) if distance == "mse" else diff.abs()).mean((1, 2)).sum()
-
-
 def _joint_loss(distance: str):
-    def loss_fn(out_t, out_s, y):  # summed over runs, so every run gets its own loss's gradient
-        return cross_entropy_sum(out_t, y) + cross_entropy_sum(out_s, y) + _agreement(out_t, out_s, distance)
+    """MFH's Alg. 1 step-1 loss for R runs: Σ_runs CE(a) + CE(b) + mean over classes and samples of (a − b)² or
+    |a − b| (common.saliency.joint_train's default distance is not run-summed)."""
+    def loss_fn(out_t, out_s, y):
+        diff = out_t - out_s
+        agree = (diff.pow(2) if distance == "mse" else diff.abs()).mean((1, 2)).sum()
+        return cross_entropy_sum(out_t, y) + cross_entropy_sum(out_s, y) + agree
     return loss_fn
-
-
-@torch.no_grad()
-def joint_train_linear(net_a: BatchedLinear, net_b: BatchedLinear, x_a, x_b, y, *, epochs: int, lr: float,
-                       momentum: float, distance: str) -> None:
-    """Algorithm 1 step 1 for two BatchedLinear nets in closed form: full-batch SGD (momentum as torch.optim.SGD) on
-    Σ_runs CE(a) + CE(b) + d(a, b), with ∂CE/∂z = (softmax(z) − onehot)/N and ∂mse/∂z_a = 2(z_a − z_b)/(C·N)
-    (∂l1/∂z_a = sign(z_a − z_b)/(C·N)). The same updates as common.saliency.joint_train with the run-summed loss
-    (tests/gauss check it), without autograd's per-step overhead."""
-    n, n_classes = y.shape[1], net_a.out_features
-    target = F.one_hot(y, n_classes).transpose(1, 2).to(x_a.dtype)
-    xt_a, xt_b = x_a.transpose(1, 2).contiguous(), x_b.transpose(1, 2).contiguous()
-    params = [net_a.weight, net_a.bias, net_b.weight, net_b.bias]
-    buffers: list[torch.Tensor | None] = [None] * 4
-    for _ in range(epochs):
-        z_a, z_b = net_a(x_a), net_b(x_b)
-        diff = z_a - z_b
-        agree = (2 * diff if distance == "mse" else diff.sign()) / (n_classes * n)
-        g_a = (z_a.softmax(1) - target) / n + agree
-        g_b = (z_b.softmax(1) - target) / n - agree
-        grads = [torch.bmm(g_a, xt_a), g_a.sum(2, keepdim=True), torch.bmm(g_b, xt_b), g_b.sum(2, keepdim=True)]
-        for i, (p, grad) in enumerate(zip(params, grads)):
-            if momentum:
-                buffers[i] = grad if buffers[i] is None else buffers[i].mul_(momentum).add_(grad)
-                grad = buffers[i]
-            p.sub_(lr * grad)
-    net_a.eval()
-    net_b.eval()
-
-
-@torch.no_grad()
-def input_saliency_linear(net_t: BatchedLinear, net_s: BatchedLinear, x_t, x_s, *, op: str, distance: str,
-                          repeats: int, generator: torch.Generator) -> torch.Tensor:
-    """Algorithm 1 step 2 on the inputs of a BatchedLinear teacher in closed form, (R, D, N) → (R, D).
-
-    Destroying column c changes the teacher's output by W[:, c]·(x̃_c − x_c), so every column's intervened output is
-    one broadcast instead of a forward over a copy of the whole input. Same semantics and the same random stream as
-    common.saliency.saliency_vector(place="input", batch_dim=2, channel_dim=1, class_dim=1): one permutation of the
-    samples per (repeat, column), drawn in that order and shared by the runs; the mean of d over repeats, min-max
-    normalised per run (tests/gauss check the two agree)."""
-    base = (net_t(x_t) - net_s(x_s)).unsqueeze(1)                      # (R, 1, C, N)
-    w = net_t.weight.transpose(1, 2).unsqueeze(-1)                       # (R, D, 1 → C, 1)
-    n_cols, n = x_t.shape[1], x_t.shape[2]
-    n_repeats = repeats if op == "permute" else 1
-    total = torch.zeros(x_t.shape[0], n_cols, dtype=torch.float64, device=x_t.device)
-    for _ in range(n_repeats):
-        if op == "permute":
-            perms = torch.stack([torch.randperm(n, generator=generator) for _ in range(n_cols)]).to(x_t.device)
-            changed = x_t.gather(2, perms.unsqueeze(0).expand_as(x_t))
-        else:
-            changed = x_t.mean(2, keepdim=True).expand_as(x_t) if op == "mean" else torch.zeros_like(x_t)
-        moved = base + w * (changed - x_t).unsqueeze(2)                  # (R, D, C, N)
-        d = moved.pow(2) if distance == "mse" else moved.abs()
-        total += d.mean((2, 3)).double()
-    sal = (total / n_repeats).to(x_t.dtype)
-    low, high = sal.amin(-1, keepdim=True), sal.amax(-1, keepdim=True)
-    spread = high - low
-    return torch.where(spread > 0, (sal - low) / spread.clamp_min(torch.finfo(sal.dtype).tiny), torch.zeros_like(sal))
 
 
 def algorithm1(cfg: dict, split: data.Split, n_settings: int, progress: bool):
     """Algorithm 1 on the inputs for every group: joint training (step 1), then the permutation saliency of every x1
-    column (and x2 column) against the other modality's fixed output (step 2). Returns (sal_x1, sal_x2 or None).
+    column (and x2 column) against the other modality's fixed output (step 2, common.saliency.saliency_vector at
+    place "input"). Returns (sal_x1, sal_x2 or None).
 
-    engine `autograd` runs common.saliency.joint_train and common.saliency.saliency_vector (forward hooks on the
-    input); `closed_form` computes the same numbers from the linear models' closed forms, ~20× faster."""
+    engine `closed_form`: step 1 by common.fastfit with the loss's closed-form gradient, step 2 by saliency_vector's
+    rank-1 path (a destroyed column c moves a linear model's output by W[:, c]·(x̃_c − x_c)); `autograd`:
+    common.saliency.joint_train and saliency_vector's generic copy path. The same numbers, ~20× apart in time."""
     a = cfg["modify"]["alg1"]
     n_classes = int(split.y.max()) + 1
     net_t = linear(split.x1.shape[1], n_classes, seeds_for(cfg, n_settings, "joint_t")).to(split.x1.device)
     net_s = linear(split.x2.shape[1], n_classes, seeds_for(cfg, n_settings, "joint_s")).to(split.x1.device)
-    gen = torch.Generator().manual_seed(cfg["seed"])
-    if a["engine"] == "closed_form":
-        joint_train_linear(net_t, net_s, split.x1, split.x2, split.y, epochs=a["epochs"], lr=a["lr"],
-                           momentum=a["momentum"], distance=a["distance"])
-        kw = dict(op=a["op"], distance=a["distance"], repeats=a["repeats"], generator=gen)
-        sal_x1 = input_saliency_linear(net_t, net_s, split.x1, split.x2, **kw)
-        sal_x2 = input_saliency_linear(net_s, net_t, split.x2, split.x1, **kw) if a["tag_student"] else None
-        return sal_x1, sal_x2
-    saliency.joint_train(net_t, net_s, lambda: [(split.x1, split.x2, split.y)], epochs=a["epochs"], lr=a["lr"],
-                         momentum=a["momentum"], loss_fn=_joint_loss(a["distance"]), class_dim=1, progress=progress)
+    fast = a["engine"] == "closed_form"
+    if fast:
+        fit([net_t, net_s], [split.x1, split.x2], epochs=a["epochs"], lr=a["lr"], momentum=a["momentum"],
+            grad_fn=joint_logit_grad(split.y, n_classes, a["distance"]), progress=progress, desc="alg1 joint")
+    else:
+        saliency.joint_train(net_t, net_s, lambda: [(split.x1, split.x2, split.y)], epochs=a["epochs"], lr=a["lr"],
+                             momentum=a["momentum"], loss_fn=_joint_loss(a["distance"]), class_dim=1,
+                             progress=progress)
     kw = dict(op=a["op"], distance=a["distance"], repeats=a["repeats"], batch_dim=2, channel_dim=1, class_dim=1,
-              generator=gen, chunk=16, progress=progress)
+              generator=torch.Generator().manual_seed(cfg["seed"]), chunk=a["chunk_channels"], rank1=fast,
+              progress=progress)
     sal_x1 = saliency.saliency_vector(net_t, net_s, [(split.x1, split.x2, split.y)], "input", desc="saliency x1", **kw)
     sal_x2 = None
     if a["tag_student"]:
@@ -217,7 +158,7 @@ def run_table(cfg: dict, device: torch.device, log=print) -> dict:
 
     def train_model(x, role, n_settings, desc, objective=None, teacher_out=None, widths=None):
         model = linear(x.shape[1], n_classes, seeds_for(cfg, n_settings, role), widths).to(device)
-        return fit(model, x, kd_train.y if role != "teacher" else train.y, epochs=t["epochs"], lr=t["lr"],
+        return fit_objective(model, x, kd_train.y if role != "teacher" else train.y, epochs=t["epochs"], lr=t["lr"],
                    momentum=t["momentum"], objective=objective, teacher_out=teacher_out, desc=desc,
                    progress=progress)
 
@@ -248,7 +189,7 @@ def run_table(cfg: dict, device: torch.device, log=print) -> dict:
     mg_test = select_columns(test.x1.repeat(len(modes), 1, 1), all_columns)
     mg_y = kd_train.y.repeat(len(modes), 1)
     mg_teacher = linear(mg_train.shape[1], n_classes, seeds_for(cfg, len(modes) * S, "mg_teacher"), widths).to(device)
-    fit(mg_teacher, mg_train, mg_y, epochs=t["epochs"], lr=t["lr"], momentum=t["momentum"],
+    fit_objective(mg_teacher, mg_train, mg_y, epochs=t["epochs"], lr=t["lr"], momentum=t["momentum"],
         desc="modality-general teachers", progress=progress)
     with torch.no_grad():
         mg_teacher_acc = per_group(accuracy(mg_teacher(mg_test), test.y.repeat(len(modes), 1)))
@@ -268,9 +209,9 @@ def run_table(cfg: dict, device: torch.device, log=print) -> dict:
             student = train_model(regular_in_s, "kd_student", S, f"{key} regular KD", objective, regular_teacher_out)
             objective = experiment.objective_for(cfg, method, mask, stage_b, n_classes).to(device)
             mg_student = linear(d["x2_dim"], n_classes, seeds_for(cfg, len(modes) * S, "mg_student")).to(device)
-            fit(mg_student, stage_b.train.x2, mg_y, epochs=t["epochs"], lr=t["lr"], momentum=t["momentum"],
-                objective=objective, teacher_out=mg_teacher_out, desc=f"{key} modality-general KD",
-                progress=progress)
+            fit_objective(mg_student, stage_b.train.x2, mg_y, epochs=t["epochs"], lr=t["lr"], momentum=t["momentum"],
+                          objective=objective, teacher_out=mg_teacher_out, desc=f"{key} modality-general KD",
+                          progress=progress)
             with torch.no_grad():
                 regular_kd_acc = per_group(accuracy(student(test.x2), test.y))
                 mg_kd_acc = per_group(accuracy(mg_student(test.x2.repeat(len(modes), 1, 1)),

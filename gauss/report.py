@@ -74,7 +74,6 @@ def section(results: dict, run_dir: Path, rel_to: Path, title: str = "## NTDH sy
              f"![accuracy vs gamma]({rel(f'accuracy_vs_{word}.png')})", ""]
     for key, rows in methods.items():
         lo, hi = rows[0], rows[-1]
-        trend = "rises" if hi["delta_mean"] > lo["delta_mean"] else "does not rise"
         lines.append(f"**Accuracy vs {sym}, {key}.** The teacher goes from {lo['teacher_acc']:.3f} to {hi['teacher_acc']:.3f} "
                      f"and the no-KD student stays at {lo['no_kd_acc']:.3f}, while the KD student goes from "
                      f"{lo['kd_acc']:.3f} ({sym} = {lo[key_x]:.2f}) to {hi['kd_acc']:.3f} ({sym} = {hi[key_x]:.2f}).")
@@ -160,7 +159,6 @@ def section_modify(results: dict, run_dir: Path, rel_to: Path, title: str) -> st
     for key, suffix in _modify_keys(results).items():
         res = results["per_run"][key]
         reg = res["regular_kd_acc"][0].mean(-1)
-        mg = {m: res["mg_kd_acc"][i].mean(-1) for i, m in enumerate(modes)}
         diff = {m: res["student_diff"][i].mean(-1) for i, m in enumerate(modes)}
         wins = {m: int((res["student_diff"][i].mean(-1) > 0).sum()) for i, m in enumerate(modes)}
         best = max(modes, key=lambda m: diff[m].mean())

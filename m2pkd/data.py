@@ -19,7 +19,6 @@ Derived layout (under `data.work`)::
 from __future__ import annotations
 
 import csv
-import math
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -14,7 +14,6 @@ if str(HERE.parent) not in sys.path:  # run as a script without an install
     sys.path.insert(0, str(HERE.parent))
 
 from common.run import cli  # noqa: E402
-from m2pkd import pipeline as PL  # noqa: E402
 
 STEPS = {"faces": "face_detector", "audio": "audio_extract", "melspec": "audio_melspec", "csv": "create_csv",
          "train": "mmpkd", "plot": "plot_ccc", "demo": "mmpkd"}

@@ -92,13 +92,10 @@ def plot_ccc(run_dir, cfg: dict, log=print) -> dict:
         w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     fps = 1000.0 / cfg["data"]["frame_ms"]
     for rec, (p, g) in preds["dev"].items():
         t = np.arange(len(g)) / fps
-        fig, ax = plt.subplots(figsize=(7, 3))
+        fig, ax = plots.figure(figsize=(7, 3))
         ax.plot(t, g, "k", lw=1.5, label="gold standard")
         ax.plot(t, p, lw=1, label=f"raw (CCC {tab['raw']['per_recording'][rec]:.3f})")
         ax.plot(t, tab["avec"]["series"][rec][0], lw=1, label=f"AVEC chain ({tab['avec']['per_recording'][rec]:.3f})")
@@ -108,7 +105,6 @@ def plot_ccc(run_dir, cfg: dict, log=print) -> dict:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(run_dir / f"pred_dev_{rec}.png", dpi=100)
-        plt.close(fig)
     a = cfg["postprocess"]["authors"]
     log(f"{run_dir.name}: dev CCC raw {tab['raw']['mean']:.4f} (concatenated {tab['raw']['concat']:.4f}); "
         f"authors ×{a['scale']}, shift {a['shift']}, box {a['box']}: {tab['authors']['mean']:.4f}; "

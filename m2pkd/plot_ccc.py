@@ -15,7 +15,7 @@ if str(HERE.parent) not in sys.path:  # run as a script without an install
 from common.run import cli  # noqa: E402
 from m2pkd import pipeline as PL  # noqa: E402
 
-from common.config import DataError, load_yaml  # noqa: E402
+from common.config import DataError  # noqa: E402
 
 
 def main(argv=None):

@@ -353,10 +353,6 @@ def _as_image(v: torch.Tensor) -> np.ndarray:
 
 def heat_map(s: Setup, rd) -> dict:
     """Input-gradient saliency maps of the saliency teacher, without and with each mode's channel removal."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cfg, ec = s.cfg, s.cfg["eval"]
     base_teacher, teacher_path, tag_path = load_saliency_teacher(s, rd)
     place_name = base_teacher.place_name(cfg["place"])
@@ -375,7 +371,7 @@ def heat_map(s: Setup, rd) -> dict:
         handle = alg1.remove_channels(teacher, place_name, removed, fill=ec["fill"])
         rows.append((f"mode {mode}", input_gradients(teacher, x, y), "hot"))
         handle.remove()
-    fig, axes = plt.subplots(len(rows), len(y), figsize=(1.3 * len(y) + 0.6, 1.35 * len(rows)), squeeze=False)
+    fig, axes = plots.figure(len(rows), len(y), figsize=(1.3 * len(y) + 0.6, 1.35 * len(rows)), squeeze=False)
     for r, (label, values, cmap) in enumerate(rows):
         for c in range(len(y)):
             img = _as_image(values[c])
@@ -395,6 +391,5 @@ def heat_map(s: Setup, rd) -> dict:
     fig.tight_layout()
     path = rd.path / "heat_maps.png"
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     s.log(f"heat maps of {len(y)} test images -> {path}")
     return {"plot": path.name, "teacher": str(teacher_path), "tag": str(tag_path)}

@@ -54,7 +54,7 @@ def section(results: dict, cfg: dict, run_dir: Path, rel_to: Path) -> str:
     order = sorted(modes, key=lambda m: -modes[m]["test_mean"])
     gap = 100 * (modes[order[0]]["test_mean"] - modes[order[-1]]["test_mean"])
     t_order = sorted(modes, key=lambda m: -modes[m]["teacher_acc"]["test"])
-    lines.append(f"**Student accuracy by mode.** On the test split the KD students reach "
+    lines.append("**Student accuracy by mode.** On the test split the KD students reach "
                  + ", ".join(f"{modes[m]['test_mean']:.3f} ({names.get(m, m)})" for m in modes)
                  + f" against {bl['test_mean']:.3f} without KD; the best is {names.get(best, best)}, "
                  f"{gap:.1f} points above the worst, with a largest per-mode std of {100 * spread:.1f} points over "

@@ -42,7 +42,7 @@ def main(argv=None):
     loader = engine.make_loaders(cfg, engine.data_dirs(cfg, rd.path, log=rd.log), splits=("val",))["val"]
     res, kept = engine.evaluate(model, loader, cfg, dev, keep=cfg["eval"]["viz_samples"])
     for agg in report.AGGS:
-        rd.log(f"Validate with TSDF: " + format_result(res[agg], agg))
+        rd.log("Validate with TSDF: " + format_result(res[agg], agg))
     if kept:
         report.slice_plot(rd.file(f"slices_{name}.png"), kept, f"{name}: prediction vs ground truth ({Path(ckpt).name})")
     rd.write_csv("results.csv", report.class_rows({name: res}), ["model", "aggregation", "class", "iou"])

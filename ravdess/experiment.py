@@ -168,14 +168,13 @@ def cal_tag(cfg: dict, root: Path, rd: RunDir, device, out: str | Path) -> dict:
 def plot_saliency(sal: np.ndarray, path: Path, ratio: float, title: str = "") -> Path:
     """Raw and sorted saliency (normalised to [0, 1]) with the lowest and highest 25 % of the channels marked
     (the ones modes 1 and 2 remove first), as the reference's helper plot."""
-    import matplotlib.pyplot as plt
     sal = np.asarray(sal, dtype=float)
     n = sal.size
     k = max(1, int(0.25 * n))
     order = np.argsort(sal, kind="stable")
     colors = np.full(n, "C0", dtype=object)
     colors[order[:k]], colors[order[-k:]] = "C3", "C2"
-    fig, axes = plt.subplots(1, 2, figsize=(12.8, 3.6))
+    fig, axes = plots.figure(1, 2, figsize=(12.8, 3.6))
     axes[0].bar(np.arange(n), sal, color=list(colors), width=1.0)
     axes[0].set(xlabel="channel", ylabel="saliency (normalised)", title=title or "raw")
     axes[1].bar(np.arange(n), sal[order], color=list(colors[order]), width=1.0)

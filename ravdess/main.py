@@ -17,7 +17,6 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # run as a script without an install
     sys.path.insert(0, str(HERE.parent))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common import config as C  # noqa: E402

@@ -169,7 +169,7 @@ class FaceTiler:
         frames = self.frames(path)
         shapes = {f.shape for f in frames}
         batch = [np.stack(frames)] if len(shapes) == 1 else [f[None] for f in frames]
-        boxes, probs = [], []
+        boxes = []
         for b in batch:
             bx, pr = self.mtcnn.detect(b)
             for one_box, one_prob in zip(bx, pr):

@@ -10,15 +10,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy import stats
 
 from common import divergence as D
+from common.fastfit import fit, fit_objective, joint_ncjsd_grad
 from common.kd import build_objective
+from common.metrics import spearman_summary
 from common.saliency import removal_indices, saliency_vector
 from common.vectorized import accuracy, cross_entropy_sum
 from sklearn_exp import data
-from sklearn_exp.input_saliency import input_saliency
-from sklearn_exp.models import fit, joint_ncjsd_grad, kd_kl_grad, two_layer_nn
+from sklearn_exp.models import two_layer_nn
 
 CSV_COLUMNS = ["loss", "mask", "gamma", "overlap_dim", "runs", "teacher_acc", "no_kd_acc", "kd_acc", "delta_mean",
                "delta_std", "ncjsd", "cmd_input", "masked_teacher_acc", "masked_student_acc", "saliency_hits_x1",
@@ -102,34 +102,14 @@ def objective_for(cfg: dict, method: str, mask: str, sweep: Sweep, n_classes: in
     return build_objective(loss_cfg, runs=sweep.groups, context=context)
 
 
-KL_KEYS = {"weight", "temperature", "reduction", "t2", "omega_mode"}
-
-
-def closed_form_kd(cfg: dict, method: str, mask: str) -> dict | None:
-    """The arguments of `models.kd_kl_grad` when method/mask is CE + KL without a mask (the reference default), so
-    the loss gradient has a closed form; None for everything else (autograd through the common.kd objective)."""
-    terms = cfg["kd"]["methods"][method]
-    kl = terms.get("kl")
-    if not cfg["train"].get("closed_form", True) or mask != "none" or set(terms) != {"kl"} or not isinstance(kl, dict):
-        return None
-    if not set(kl) <= KL_KEYS or kl.get("reduction", "batchmean") not in ("batchmean", "mean"):
-        return None
-    return {"ce_weight": float(cfg["kd"]["ce_weight"]), "kl_weight": float(kl.get("weight", 1.0)),
-            "temperature": float(kl.get("temperature", 1.0)), "reduction": kl.get("reduction", "batchmean"),
-            "t2": bool(kl.get("t2", False))}
-
-
 def train_kd(cfg, sweep, method, mask, teacher_train, seeds, desc):
     tr = sweep.train
     n_classes = int(cfg["data"]["n_classes"])
     student = two_layer_nn(tr.x2.shape[1], cfg["model"]["hidden"], n_classes, sweep.groups, seeds).to(tr.x2.device)
-    closed = closed_form_kd(cfg, method, mask)
-    if closed is not None:   # the same updates as autograd through the objective below, without the autograd graph
-        return fit([student], [tr.x2], grad_fn=kd_kl_grad(tr.y, teacher_train, **closed), desc=desc,
-                   **_train_cfg(cfg))[0]
     objective = objective_for(cfg, method, mask, sweep, n_classes).to(tr.x2.device)
-    return fit([student], [tr.x2], loss_fn=lambda z: objective(z[0], teacher_train, tr.y)[0],
-               extra_params=list(objective.parameters()), desc=desc, **_train_cfg(cfg))[0]
+    # CE + KL without a mask (the reference default) by its closed-form gradient, everything else by autograd
+    return fit_objective(student, tr.x2, tr.y, objective=objective, teacher_out=teacher_train,
+                         closed_form=cfg["train"]["closed_form"], desc=desc, **_train_cfg(cfg))
 
 
 def nontarget_divergence(z_s, z_t, y, variant) -> torch.Tensor:
@@ -172,27 +152,22 @@ def algorithm1(cfg: dict, sweep: Sweep, variant: str, log=print) -> dict:
         return (cross_entropy_sum(z_t, tr.y) + cross_entropy_sum(z_s, tr.y)
                 + a["distance_weight"] * nontarget_divergence(z_s, z_t, tr.y, variant).sum())
 
-    # the textbook JS has a closed-form gradient (models.joint_ncjsd_grad); the reference's variant goes by autograd
+    # the textbook JS has a closed-form gradient (common.fastfit.joint_ncjsd_grad); the reference's goes by autograd
     loss = ({"grad_fn": joint_ncjsd_grad(tr.y, n_classes, a["distance_weight"])}
             if variant == "textbook" and cfg["train"].get("closed_form", True) else {"loss_fn": joint_loss})
     sweep.timed("alg1_joint", lambda: fit(
         [teacher, student], [tr.x1, tr.x2], epochs=a["epochs"], lr=a["lr"], momentum=a["momentum"],
         chunk=cfg["train"]["chunk_runs"], progress=cfg["progress"], desc="alg1 joint training", **loss))
     gen = torch.Generator().manual_seed(cfg["seed"])
-    if a.get("saliency", "rank1") == "rank1":
-        # sklearn_exp.input_saliency: saliency_vector's numbers (same permutations) by a rank-1 first-layer update
-        args = dict(repeats=a["repeats"], generator=gen, variant=variant, chunk=a["chunk_channels"])
-        sal_x1, sal_x2 = sweep.timed("alg1_saliency", lambda: (
-            input_saliency(teacher, student, tr.x1, tr.x2, tr.y, **args),
-            # x2's columns: the same measurement with the roles swapped (the non-target JS is symmetric)
-            input_saliency(student, teacher, tr.x2, tr.x1, tr.y, **args)))
-    else:
-        common_args = dict(op="permute", distance="ncjsd", repeats=a["repeats"], batch_dim=2, channel_dim=1,
-                           class_dim=1, chunk=a["chunk_channels"], generator=gen, variant=variant,
-                           progress=cfg["progress"])
-        sal_x1, sal_x2 = sweep.timed("alg1_saliency", lambda: (
-            saliency_vector(teacher, student, [(tr.x1, tr.x2, tr.y)], "input", desc="saliency x1", **common_args),
-            saliency_vector(student, teacher, [(tr.x2, tr.x1, tr.y)], "input", desc="saliency x2", **common_args)))
+    # common.saliency at place "input"; `alg1.rank1` builds the permuted copies by a rank-1 update of the first
+    # layer's output (same numbers and permutations as copying the input, several times faster)
+    sal_args = dict(op="permute", distance="ncjsd", repeats=a["repeats"], batch_dim=2, channel_dim=1, class_dim=1,
+                    chunk=a["chunk_channels"], generator=gen, variant=variant, rank1=a["rank1"],
+                    progress=cfg["progress"])
+    sal_x1, sal_x2 = sweep.timed("alg1_saliency", lambda: (
+        saliency_vector(teacher, student, [(tr.x1, tr.x2, tr.y)], "input", desc="saliency x1", **sal_args),
+        # x2's columns: the same measurement with the roles swapped (the non-target JS is symmetric)
+        saliency_vector(student, teacher, [(tr.x2, tr.x1, tr.y)], "input", desc="saliency x2", **sal_args)))
     with torch.no_grad():
         joint_acc_t = sweep.per_setting(accuracy(teacher(sweep.test.x1), sweep.test.y))
         joint_acc_s = sweep.per_setting(accuracy(student(sweep.test.x2), sweep.test.y))
@@ -277,7 +252,7 @@ def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
                              "saliency_hits_x2": alg["hits_x2"][s].mean()})
             log(format_table([r for r in rows if r["loss"] == method and r["mask"] == mask], method, mask,
                              cfg["alg1"]["mask_dim"]))
-    correlations = {key: spearman(v["ncjsd"], v["delta"]) for key, v in per_run.items()}
+    correlations = {key: spearman_summary(v["ncjsd"], v["delta"]) for key, v in per_run.items()}
     for key, c in correlations.items():
         log(f"NTDH check {key}: Spearman ρ(non-target JS, Delta) = {c['rho']:+.3f} over {c['n']} runs "
             f"(p = {c['p']:.2g}); over the γ means ρ = {c['rho_means']:+.3f}")
@@ -300,15 +275,6 @@ def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
             "timings": dict(sweep.timings), "cpu_timings": dict(sweep.cpu_timings), "seconds": seconds,
             "cpu_seconds": cpu_seconds,
             "threads": torch.get_num_threads()}
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> dict:
-    """Rank correlation over every run of every setting, and over the per-setting means."""
-    if np.ptp(x) == 0 or np.ptp(y) == 0:
-        return {"rho": float("nan"), "p": float("nan"), "n": int(x.size), "rho_means": float("nan")}
-    rho, p = stats.spearmanr(x.ravel(), y.ravel())
-    rho_means = stats.spearmanr(x.mean(1), y.mean(1))[0] if x.shape[0] > 2 else float("nan")
-    return {"rho": float(rho), "p": float(p), "n": int(x.size), "rho_means": float(rho_means)}
 
 
 def format_table(rows: list[dict], method: str, mask: str, mask_dim: int) -> str:

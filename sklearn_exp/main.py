@@ -76,8 +76,6 @@ def validate(cfg: dict) -> None:
         raise C.ConfigError(f"analysis.ncjsd_split: expected train or test, got {cfg['analysis']['ncjsd_split']!r}")
     if cfg["analysis"]["js_variant"] not in ("textbook", "reference"):
         raise C.ConfigError(f"analysis.js_variant: expected textbook or reference, got {cfg['analysis']['js_variant']!r}")
-    if a["saliency"] not in ("rank1", "common"):
-        raise C.ConfigError(f"alg1.saliency: expected rank1 or common, got {a['saliency']!r}")
     if cfg["threads"] < 0:
         raise C.ConfigError(f"threads must be ≥ 0 (0 = torch's default), got {cfg['threads']}")
     for key in ("train.epochs", "alg1.epochs", "alg1.repeats", "alg1.chunk_channels", "train.chunk_runs", "model.hidden"):

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from common import plots
-from common.plots import plt  # headless pyplot, as configured by common.plots
+from common.plots import figure
 
 
 def _by_method(rows):
@@ -21,7 +21,7 @@ def saliency_plot(path, results: dict, run: int = 0) -> Path:
     (selected) columns marked with a triangle."""
     sal, settings = results["saliency"], results["settings"]
     n = len(settings)
-    fig, axes = plt.subplots(n, 2, figsize=(12, 1.9 * n + 0.6), squeeze=False, sharex=True)
+    fig, axes = figure(n, 2, figsize=(12, 1.9 * n + 0.6), squeeze=False, sharex=True)
     for s, setting in enumerate(settings):
         for m, (mod, truth) in enumerate((("x1", sal["x1_decisive"][s]), ("x2", sal["x2_decisive"][s]))):
             ax = axes[s, m]
@@ -44,7 +44,6 @@ def saliency_plot(path, results: dict, run: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

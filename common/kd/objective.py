@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import inspect
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

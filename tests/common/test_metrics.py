@@ -115,3 +115,22 @@ def test_ccc_gradient_finite():
     const = torch.ones(8, requires_grad=True)  # zero variance: eps keeps the gradient finite
     ccc_loss(const, torch.ones(8)).backward()
     assert torch.isfinite(const.grad).all()
+
+
+def test_spearman_matches_scipy_with_ties_and_degenerate_input():
+    from scipy import stats
+
+    from common.metrics import spearman, spearman_summary
+    rng = np.random.default_rng(0)
+    for n in (5, 40, 600):
+        x = rng.normal(size=n)
+        y = 0.5 * x + rng.normal(size=n)
+        x[: n // 5] = np.round(x[: n // 5])           # ties
+        rho, p = spearman(x, y)
+        ref = stats.spearmanr(x, y)
+        assert abs(rho - ref[0]) < 1e-12 and abs(p - ref[1]) < 1e-9 * max(1.0, ref[1])
+    assert np.isnan(spearman(np.ones(5), np.arange(5))[0])
+    rho, p = spearman(np.arange(5), np.arange(5) ** 2)
+    assert abs(rho - 1) < 1e-12 and p < 1e-12
+    s = spearman_summary(np.arange(12.0).reshape(3, 4), -np.arange(12.0).reshape(3, 4))
+    assert abs(s["rho"] + 1) < 1e-12 and abs(s["rho_means"] + 1) < 1e-12 and s["n"] == 12

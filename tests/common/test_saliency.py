@@ -461,3 +461,35 @@ def test_joint_train_default_loss_class_dim_matches_class_last(distance):
     class_last = (_cross_entropy(a.transpose(1, 2), y)
                   + _agreement(a.transpose(1, 2), b.transpose(1, 2), y, distance, "textbook"))
     torch.testing.assert_close(feature_major, class_last)
+
+
+@pytest.mark.parametrize("op", ["zero", "mean", "permute"])
+@pytest.mark.parametrize("distance", ["mse", "ncjsd"])
+@pytest.mark.parametrize("model", ["single_linear", "mlp"])
+def test_rank1_input_path_equals_copy_path(op, distance, model):
+    """The rank-1 update at the first linear layer gives the copy path's numbers, for a lone BatchedLinear (gauss)
+    and a BatchedLinear MLP (sklearn_exp), with the same random draws."""
+    g = _gen(3)
+    R, N = 3, 40
+    dims = [9, 4] if model == "single_linear" else [9, 6, 5, 4]
+    teacher = batched_mlp(dims, R, seeds=[1, 2, 3])
+    student = batched_mlp([7, 4], R, seeds=[4, 5, 6])
+    if model == "single_linear":
+        teacher = teacher[0]
+    batches = [(torch.randn(R, 9, N, generator=g), torch.randn(R, 7, N, generator=g),
+                torch.randint(0, 4, (R, N), generator=g))]
+    kw = dict(op=op, distance=distance, repeats=3, chunk=4, normalize=False, **FEATURE_MAJOR)
+    fast = saliency_vector(teacher, student, batches, "input", generator=_gen(8), rank1=True, **kw)
+    slow = saliency_vector(teacher, student, batches, "input", generator=_gen(8), rank1=False, **kw)
+    assert fast.shape == (R, 9)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+
+
+def test_rank1_path_is_skipped_when_the_first_layer_is_not_linear():
+    teacher = nn.Sequential(nn.Tanh(), nn.Linear(5, 4))
+    student = nn.Sequential(nn.Linear(5, 4))
+    g = _gen(1)
+    batches = [(torch.randn(30, 5, generator=g), torch.randn(30, 5, generator=g), torch.randint(0, 4, (30,), generator=g))]
+    a = saliency_vector(teacher, student, batches, "input", generator=_gen(2), normalize=False)
+    b = saliency_vector(teacher, student, batches, "input", generator=_gen(2), normalize=False, rank1=False)
+    torch.testing.assert_close(a, b)

@@ -3,11 +3,9 @@ skipped, and the quality bar (the audio+visual teacher beats the visual baseline
 import csv
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from m2pkd import data as D
 from m2pkd import pipeline as PL

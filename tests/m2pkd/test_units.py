@@ -1,7 +1,5 @@
 """Fast unit tests: gold-standard readers, CCC against numpy, post-processing on known signals, KD weighting,
 stateful inference, models' shapes."""
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np

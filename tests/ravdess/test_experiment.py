@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from common import saliency as S
-from common.config import ConfigError
 from common.run import cli, load_checkpoint
 from ravdess import main as M
 from ravdess import models

@@ -1,6 +1,5 @@
-"""sklearn_exp end to end: the fast trainer equals autograd, Alg. 1 finds the decisive columns, the masked-teacher
-path, the CLI and the CSV contract."""
-import copy
+"""sklearn_exp end to end: Alg. 1 finds the decisive columns, the masked-teacher path, the CLI and the CSV contract
+(the fast trainer's equality with autograd is tested in tests/common/test_fastfit.py)."""
 import csv
 import json
 import subprocess
@@ -12,12 +11,7 @@ import pytest
 import torch
 
 from common.config import ConfigError, load_yaml
-from common.divergence import nontarget_js
-from common.kd import build_objective
-from common.saliency import joint_train
-from common.vectorized import cross_entropy_sum
-from common.vectorized import fit as autograd_fit
-from sklearn_exp import experiment, models
+from sklearn_exp import experiment
 from sklearn_exp import main as sk_main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,103 +42,14 @@ def _max_diff(a, b):
     return max((p - q).abs().max().item() for p, q in zip(a, b))
 
 
-def test_fast_trainer_equals_autograd_sgd():
-    g = torch.Generator().manual_seed(0)
-    R, N = 3, 300
-    x, x2 = torch.randn(R, 50, N, generator=g), torch.randn(R, 50, N, generator=g)
-    y = torch.randint(0, 4, (R, N), generator=g)
-    # cross-entropy (closed-form logit gradient, chunked backward)
-    a = models.two_layer_nn(50, 16, 4, R, [1, 2, 3])
-    b = copy.deepcopy(a)
-    autograd_fit(a, x, y, epochs=25, lr=0.05, momentum=0.5)
-    models.fit([b], [x], labels=y, epochs=25, lr=0.05, momentum=0.5, chunk=2)
-    assert _max_diff(a.parameters(), b.parameters()) < 1e-5
-    assert _max_diff(a.parameters(), models.two_layer_nn(50, 16, 4, R, [1, 2, 3]).parameters()) > 1e-3  # it trained
-    # a KD objective with ω and a trainable regressor
-    t = torch.randn(R, 4, N, generator=g)
-    obj = build_objective({"terms": {"ce": {"weight": 1.0}, "fitnet": {"weight": 0.1, "regressor": "bn_relu"},
-                                     "kl": {"weight": 1.0}}, "mask": "omega"}, runs=R,
-                          context={"student_dim": 4, "teacher_dim": 4})
-    obj2 = copy.deepcopy(obj)
-    a = models.two_layer_nn(50, 16, 4, R, [1, 2, 3])
-    b = copy.deepcopy(a)
-    autograd_fit(a, x, y, epochs=25, lr=0.05, objective=obj, teacher_out=t)
-    models.fit([b], [x], epochs=25, lr=0.05, loss_fn=lambda z: obj2(z[0], t, y)[0],
-               extra_params=list(obj2.parameters()), chunk=2)
-    assert _max_diff([*a.parameters(), *obj.parameters()], [*b.parameters(), *obj2.parameters()]) < 1e-5
-    # Alg. 1 joint training, against common.saliency.joint_train with the same run-summed loss
-    ta, sa = models.two_layer_nn(50, 16, 4, R, [1, 2, 3]), models.two_layer_nn(50, 16, 4, R, [4, 5, 6])
-    tb, sb = copy.deepcopy(ta), copy.deepcopy(sa)
-    loss = lambda zt, zs, yy: (cross_entropy_sum(zt, yy) + cross_entropy_sum(zs, yy)
-                               + nontarget_js(zs, zt, yy, dim=1).mean(-1).sum())
-    joint_train(ta, sa, lambda: [(x, x2, y)], epochs=25, lr=0.01, momentum=0.9, loss_fn=loss)
-    models.fit([tb, sb], [x, x2], epochs=25, lr=0.01, momentum=0.9, loss_fn=lambda z: loss(z[0], z[1], y))
-    assert _max_diff([*ta.parameters(), *sa.parameters()], [*tb.parameters(), *sb.parameters()]) < 1e-5
-    with pytest.raises(TypeError, match="BatchedLinear"):
-        models.fit([torch.nn.Linear(3, 2)], [x], labels=y, epochs=1, lr=0.1)
-
-
-def test_closed_form_gradients_equal_autograd():
-    """models.joint_ncjsd_grad / kd_kl_grad make the updates of autograd through the losses they replace."""
-    g = torch.Generator().manual_seed(1)
-    R, N = 3, 300
-    x, x2 = torch.randn(R, 50, N, generator=g), torch.randn(R, 50, N, generator=g)
-    y = torch.randint(0, 4, (R, N), generator=g)
-    ta, sa = models.two_layer_nn(50, 16, 4, R, [1, 2, 3]), models.two_layer_nn(50, 16, 4, R, [4, 5, 6])
-    tb, sb = copy.deepcopy(ta), copy.deepcopy(sa)
-    loss = lambda zt, zs, yy: (cross_entropy_sum(zt, yy) + cross_entropy_sum(zs, yy)
-                               + 0.7 * nontarget_js(zs, zt, yy, dim=1).mean(-1).sum())
-    joint_train(ta, sa, lambda: [(x, x2, y)], epochs=25, lr=0.05, momentum=0.9, loss_fn=loss)
-    models.fit([tb, sb], [x, x2], epochs=25, lr=0.05, momentum=0.9, grad_fn=models.joint_ncjsd_grad(y, 4, 0.7),
-               chunk=1)
-    assert _max_diff([*ta.parameters(), *sa.parameters()], [*tb.parameters(), *sb.parameters()]) < 1e-5
-    for kl in [{"weight": 1.0, "temperature": 1.0},
-               {"weight": 1.3, "temperature": 2.0, "reduction": "mean", "t2": True}]:
-        t = 3 * torch.randn(R, 4, N, generator=g)
-        obj = build_objective({"terms": {"ce": {"weight": 0.8}, "kl": kl}}, runs=R)
-        a = models.two_layer_nn(50, 16, 4, R, [1, 2, 3])
-        b = copy.deepcopy(a)
-        autograd_fit(a, x, y, epochs=25, lr=0.05, objective=obj, teacher_out=t)
-        cfg = cfg_with(**{"kd.ce_weight": 0.8, "kd.methods.kl": {"kl": kl}})
-        closed = experiment.closed_form_kd(cfg, "kl", "none")
-        models.fit([b], [x], epochs=25, lr=0.05, grad_fn=models.kd_kl_grad(y, t, **closed), chunk=2)
-        assert _max_diff(a.parameters(), b.parameters()) < 1e-5
-    cfg = cfg_with()
-    assert experiment.closed_form_kd(cfg, "kl", "omega") is None
-    assert experiment.closed_form_kd(cfg, "fitnet", "none") is None
-    with pytest.raises(ValueError, match="not both"):
-        models.fit([a], [x], epochs=1, lr=0.1, loss_fn=lambda z: z[0].sum(), grad_fn=models.ce_grad(y, 4))
-
-
-@pytest.mark.parametrize("variant", ["textbook", "reference"])
-def test_rank1_input_saliency_equals_common_saliency_vector(variant):
-    from common.saliency import saliency_vector
-    from sklearn_exp.input_saliency import input_saliency
-    g = torch.Generator().manual_seed(2)
-    R, N = 2, 400
-    x, x2 = torch.randn(R, 50, N, generator=g), torch.randn(R, 50, N, generator=g)
-    x[:, :5] += torch.randint(0, 4, (R, 1, N), generator=g).float()
-    y = torch.randint(0, 4, (R, N), generator=g)
-    t, s = models.two_layer_nn(50, 16, 4, R, [1, 2]), models.two_layer_nn(50, 16, 4, R, [3, 4])
-    models.fit([t, s], [x, x2], epochs=30, lr=0.1, momentum=0.9, grad_fn=models.joint_ncjsd_grad(y, 4))
-    for normalize in (False, True):
-        ref = saliency_vector(t, s, [(x, x2, y)], "input", op="permute", distance="ncjsd", repeats=3, batch_dim=2,
-                              channel_dim=1, class_dim=1, chunk=7, generator=torch.Generator().manual_seed(5),
-                              variant=variant, normalize=normalize)
-        fast = input_saliency(t, s, x, x2, y, repeats=3, generator=torch.Generator().manual_seed(5), variant=variant,
-                              chunk=4, normalize=normalize)
-        assert fast.shape == ref.shape == (R, 50)
-        assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-4 if normalize else 1e-8)
-    assert not t.training and not s.training
-
-
 def test_algorithm1_fast_paths_equal_the_common_ones():
-    """alg1.saliency rank1 vs common.saliency, closed-form vs autograd joint loss: the same Alg. 1 results."""
+    """alg1.rank1 (common.saliency's rank-1 path) vs the copy path, closed-form vs autograd joint loss: the same
+    Alg. 1 results."""
     base = {"runs": 2, "data.n_samples": 500, "data.overlaps": [10], "alg1.epochs": 20, "alg1.lr": 0.05,
             "alg1.repeats": 2}
     outs = []
     for fast in (True, False):
-        cfg = cfg_with(**base, **{"alg1.saliency": "rank1" if fast else "common", "train.closed_form": fast})
+        cfg = cfg_with(**base, **{"alg1.rank1": fast, "train.closed_form": fast})
         outs.append(experiment.algorithm1(cfg, experiment.build_sweep(cfg), "textbook", log=lambda *_: None))
     for key in ("saliency_x1", "saliency_x2"):
         assert torch.allclose(outs[0][key], outs[1][key], atol=1e-4), key
