@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from sklearn_exp import experiment  # noqa: E402
 from sklearn_exp import main as sk_main  # noqa: E402
 
-LEGACY = ["train.closed_form=false", "alg1.saliency=common", "train.chunk_runs=10", "alg1.chunk_channels=5",
+LEGACY = ["train.closed_form=false", "alg1.rank1=false", "train.chunk_runs=10", "alg1.chunk_channels=5",
           "threads=0"]
 UNSCALED = ("data", "alg1_saliency")
 

@@ -279,6 +279,15 @@ def _rank1_layout(layer: nn.Module, x: torch.Tensor, batch_dim: int, channel_dim
     return x.dim() == 2 and _axes(x, batch_dim, channel_dim) == (0, 1)
 
 
+def _rank1_delta(clean: torch.Tensor, op: str, perms: torch.Tensor | None) -> torch.Tensor:
+    """x̃_c − x_c for the intervened channels, clean (…, k, n) with the samples last; perms (k, n) for "permute"."""
+    if op == "zero":
+        return -clean
+    if op == "mean":
+        return clean.mean(-1, keepdim=True) - clean
+    return clean.gather(-1, perms.expand_as(clean)).sub_(clean)
+
+
 def _rank1_copies(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, channels: torch.Tensor, op: str,
                   generator: torch.Generator | None) -> torch.Tensor:
     """The first linear layer's output on the k intervened copies of its input that `_expand_copies` would build
@@ -288,28 +297,78 @@ def _rank1_copies(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, channels
     costs one multiply-add of the layer's output size, and neither the (k × input) copies nor the k first-layer
     matmuls are made. The copy axis goes right before the batch axis, as in `_expand_copies`.
     """
-    k = channels.numel()
     channels = channels.to(x.device)
-    if isinstance(layer, BatchedLinear):          # x (R, D, N), out (R, H, N), weight (R, H, D)
-        clean = x[:, channels]                    # (R, k, N)
-        n = x.shape[2]
-    else:                                         # x (B, D), out (B, H), weight (H, D)
-        clean = x[:, channels].t()                # (k, B)
-        n = x.shape[0]
-    if op == "zero":
-        delta = -clean
-    elif op == "mean":
-        delta = clean.mean(-1, keepdim=True) - clean
-    else:
-        perms = torch.stack([_randperm(n, generator, x.device) for _ in range(k)])   # (k, n), in copy order
-        delta = clean.gather(-1, perms.expand_as(clean)).sub_(clean)
-    if isinstance(layer, BatchedLinear):
-        w = layer.weight[:, :, channels]                                          # (R, H, k)
-        copies = torch.addcmul(out.unsqueeze(2), w.unsqueeze(-1), delta.unsqueeze(1))   # (R, H, k, N)
-        return copies.flatten(2, 3)
-    w = layer.weight[:, channels].t()                                             # (k, H)
-    copies = torch.addcmul(out.unsqueeze(0), delta.unsqueeze(-1), w.unsqueeze(1))       # (k, B, H)
-    return copies.flatten(0, 1)
+    runs = isinstance(layer, BatchedLinear)
+    clean = x[:, channels] if runs else x[:, channels].t()        # (R, k, N) | (k, B)
+    perms = None
+    if op == "permute":
+        perms = torch.stack([_randperm(clean.shape[-1], generator, x.device) for _ in range(channels.numel())])
+    delta = _rank1_delta(clean, op, perms)
+    if runs:                                   # x (R, D, N), out (R, H, N), weight (R, H, D)
+        w = layer.weight[:, :, channels]                                                 # (R, H, k)
+        return torch.addcmul(out.unsqueeze(2), w.unsqueeze(-1), delta.unsqueeze(1)).flatten(2, 3)   # (R, H, k·N)
+    w = layer.weight[:, channels].t()          # x (B, D), out (B, H), weight (H, D) → (k, H)
+    return torch.addcmul(out.unsqueeze(0), delta.unsqueeze(-1), w.unsqueeze(1)).flatten(0, 1)      # (k·B, H)
+
+
+def _runs_stack(model: nn.Module) -> list[nn.Module] | None:
+    """The layers of a lone BatchedLinear with runs, or of an nn.Sequential of such layers (all with the same runs)
+    and parameter-free per-sample modules (ReLU, Tanh, …) starting with a BatchedLinear; None for anything else."""
+    layers = list(model) if isinstance(model, nn.Sequential) else [model]
+    if not layers or not isinstance(layers[0], BatchedLinear) or layers[0].runs is None:
+        return None
+    for m in layers:
+        if isinstance(m, BatchedLinear):
+            if m.runs != layers[0].runs:
+                return None
+        elif next(m.parameters(), None) is not None or next(m.buffers(), None) is not None:
+            return None
+    return layers
+
+
+def _stack_forward(layers: list[nn.Module], h: torch.Tensor, runs: slice) -> torch.Tensor:
+    """The forward of `_runs_stack` layers for the runs in `runs` only (parameter views, no copies)."""
+    for m in layers:
+        if isinstance(m, BatchedLinear):
+            w = m.weight[runs]
+            h = torch.bmm(w, h) if m.bias is None else torch.baddbmm(m.bias[runs], w, h)
+        elif type(m) is nn.ReLU:
+            h = h.relu_()    # h is this function's own intermediate: in place saves a pass over memory
+        else:
+            h = m(h)
+    return h
+
+
+def _rank1_stack_sums(layers: list[nn.Module], h_s: torch.Tensor, x_t: torch.Tensor, y: torch.Tensor, *, op: str,
+                      distance: Distance, variant: str, n_repeats: int, chunk: int, group_chunk: int,
+                      generator: torch.Generator | None) -> torch.Tensor:
+    """Σ over repeats of the per-channel distances, (R, D) float64, for a `_runs_stack` teacher on (R, D, N) input
+    (batch_dim 2, channel_dim 1, class_dim 1): the rank-1 path, `group_chunk` runs at a time so that one block's
+    (runs × hidden × chunk·N) activations stay in cache. The permutations are those of the copy path — one per
+    (repeat, channel), drawn in that order and shared by the runs — drawn once up front."""
+    groups, n_channels, n = x_t.shape
+    first, rest = layers[0], layers[1:]
+    perms = None
+    if op == "permute":
+        perms = torch.stack([_randperm(n, generator, x_t.device) for _ in range(n_repeats * n_channels)])
+        perms = perms.view(n_repeats, n_channels, n)
+    labels = y.expand(_without(h_s.shape, 1))
+    sums = torch.zeros(groups, n_channels, dtype=torch.float64, device=x_t.device)
+    for g0 in range(0, groups, group_chunk):
+        runs = slice(g0, min(g0 + group_chunk, groups))
+        x = x_t[runs]
+        w1 = first.weight[runs]
+        base = torch.baddbmm(first.bias[runs], w1, x) if first.bias is not None else torch.bmm(w1, x)
+        fixed = _FixedStudent(h_s[runs], labels[runs], distance, variant, 2, 1)
+        for r in range(n_repeats):
+            for c0 in range(0, n_channels, chunk):
+                ch = slice(c0, min(c0 + chunk, n_channels))
+                k = ch.stop - ch.start
+                delta = _rank1_delta(x[:, ch], op, None if perms is None else perms[r, ch])       # (g, k, N)
+                h = torch.addcmul(base.unsqueeze(2), w1[:, :, ch].unsqueeze(-1), delta.unsqueeze(1))  # (g, H, k, N)
+                out = _stack_forward(rest, h.flatten(2, 3), runs)
+                sums[runs, ch] += fixed.distances(out.unflatten(2, (k, n))).double()
+    return sums
 
 
 def _class_axis(out: torch.Tensor, batch_dim: int, class_dim: int) -> int:
@@ -396,7 +455,8 @@ def saliency_vector(teacher: nn.Module, student: nn.Module, batches: Iterable, p
                     distance: Distance = "mse", repeats: int = 10, batch_dim: int = 0,
                     channel_dim: int | None = None, class_dim: int = -1, chunk: int = 64,
                     generator: torch.Generator | None = None, normalize: bool = True, variant: str = "textbook",
-                    rank1: bool = True, progress: bool = False, desc: str | None = None) -> torch.Tensor:
+                    rank1: bool = True, group_chunk: int | None = None, progress: bool = False,
+                    desc: str | None = None) -> torch.Tensor:
     """Per-channel saliency of the teacher at `place` (Alg. 1 step 2): shape (C,), or (R, C) with group axes.
 
     batches: iterable of (x_teacher, x_student, y), already on the models' device; y holds one label per sample
@@ -422,15 +482,19 @@ def saliency_vector(teacher: nn.Module, student: nn.Module, batches: Iterable, p
 
     rank1: at place "input" of a model whose first layer is linear (a BatchedLinear with runs on (R, D, N), batch_dim
     2, channel_dim 1 — the synthetic experiments — or an nn.Linear on (B, D)), build the k copies at that layer's
-    output by a rank-1 update of its clean output instead of copying the input (`_rank1_copies`): the same numbers
-    and random draws, up to float rounding, at a fraction of the cost. False forces the generic copy path.
+    output by a rank-1 update of its clean output instead of copying the input: the same numbers and random draws,
+    up to float rounding, at a fraction of the cost. False forces the generic copy path. When the teacher is a
+    stack of BatchedLinear and parameter-free layers (`_runs_stack`), the runs are evaluated `group_chunk` at a time
+    (`_rank1_stack_sums`; None: all at once — small models; 1: one run at a time, so that a large model's block
+    stays in cache); otherwise a forward hook on the first layer builds the copies (`_rank1_copies`).
     """
     _check_op(op)
     _check_distance(distance)
     if variant not in JS_VARIANTS:
         raise ValueError(f"variant must be one of {JS_VARIANTS}, got {variant!r}")
-    if repeats < 1 or chunk < 1:
-        raise ValueError(f"repeats and chunk must be >= 1, got repeats={repeats}, chunk={chunk}")
+    if repeats < 1 or chunk < 1 or group_chunk is not None and group_chunk < 1:
+        raise ValueError(f"repeats, chunk and group_chunk must be >= 1, got repeats={repeats}, chunk={chunk}, "
+                         f"group_chunk={group_chunk}")
     # Zero and mean fills are deterministic: M repeats would give M identical values (spec §12, item 35).
     n_repeats = repeats if op == "permute" else 1
     n_batches = len(batches) if hasattr(batches, "__len__") else None  # for the progress bar only
@@ -452,35 +516,44 @@ def saliency_vector(teacher: nn.Module, student: nn.Module, batches: Iterable, p
                 if n_channels is None:
                     n_channels = channel_count(teacher, place, x_t, batch_dim, channel_dim)
                     classes = _class_axis(h_s, batch_dim, class_dim)
-                fixed = _FixedStudent(h_s, y, distance, variant, batch_dim, classes)
                 batch_size = x_t.shape[batch_dim]
-                sums = None  # Σ over repeats of d, (..., C)
-                first = _leading_linear(teacher) if rank1 and place == "input" else None
-                if first is not None and not _rank1_layout(first, x_t, batch_dim, channel_dim):
-                    first = None
-                for _ in range(n_repeats):
-                    pieces = []
-                    for start in range(0, n_channels, chunk):
-                        channels = torch.arange(start, min(start + chunk, n_channels), device=x_t.device)
-                        if first is not None:
-                            handle = first.register_forward_hook(
-                                lambda m, args, out, ch=channels: _rank1_copies(m, args[0], out, ch, op, generator))
-                        else:
-                            expand = lambda a, ch=channels: _expand_copies(a, ch, op, batch_dim, channel_dim,
-                                                                           generator)
-                            handle = _hook_at(teacher, place, expand)
-                        try:
-                            out = teacher(x_t)
-                        finally:
-                            handle.remove()
-                        k = channels.numel()
-                        if out.shape[batch_dim] != k * batch_size:
-                            raise ValueError(f"the output's batch axis has {out.shape[batch_dim]} samples, expected "
-                                             f"{k}×{batch_size}: place {place!r} is not on the only path to the output")
-                        h_t = out.unflatten(batch_dim, (k, batch_size))
-                        pieces.append(fixed.distances(h_t).double())
-                    d = torch.cat(pieces, -1)
-                    sums = d if sums is None else sums + d
+                lead = _leading_linear(teacher) if rank1 and place == "input" else None
+                if lead is not None and not _rank1_layout(lead, x_t, batch_dim, channel_dim):
+                    lead = None
+                stack = _runs_stack(teacher) if lead is not None and classes == 1 else None
+                if stack is not None:
+                    sums = _rank1_stack_sums(stack, h_s, x_t, y, op=op, distance=distance, variant=variant,
+                                             n_repeats=n_repeats, chunk=chunk,
+                                             group_chunk=group_chunk or x_t.shape[0],
+                                             generator=generator)
+                else:
+                    fixed = _FixedStudent(h_s, y, distance, variant, batch_dim, classes)
+                    sums = None  # Σ over repeats of d, (..., C)
+                    for _ in range(n_repeats):
+                        pieces = []
+                        for start in range(0, n_channels, chunk):
+                            channels = torch.arange(start, min(start + chunk, n_channels), device=x_t.device)
+                            if lead is not None:
+                                handle = lead.register_forward_hook(
+                                    lambda m, args, out, ch=channels: _rank1_copies(m, args[0], out, ch, op,
+                                                                                    generator))
+                            else:
+                                expand = lambda a, ch=channels: _expand_copies(a, ch, op, batch_dim, channel_dim,
+                                                                               generator)
+                                handle = _hook_at(teacher, place, expand)
+                            try:
+                                out = teacher(x_t)
+                            finally:
+                                handle.remove()
+                            k = channels.numel()
+                            if out.shape[batch_dim] != k * batch_size:
+                                raise ValueError(f"the output's batch axis has {out.shape[batch_dim]} samples, "
+                                                 f"expected {k}×{batch_size}: place {place!r} is not on the only "
+                                                 f"path to the output")
+                            h_t = out.unflatten(batch_dim, (k, batch_size))
+                            pieces.append(fixed.distances(h_t).double())
+                        d = torch.cat(pieces, -1)
+                        sums = d if sums is None else sums + d
                 weighted = sums * (batch_size / n_repeats)
                 total = weighted if total is None else total + weighted
                 n_samples += batch_size

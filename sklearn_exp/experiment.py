@@ -162,8 +162,8 @@ def algorithm1(cfg: dict, sweep: Sweep, variant: str, log=print) -> dict:
     # common.saliency at place "input"; `alg1.rank1` builds the permuted copies by a rank-1 update of the first
     # layer's output (same numbers and permutations as copying the input, several times faster)
     sal_args = dict(op="permute", distance="ncjsd", repeats=a["repeats"], batch_dim=2, channel_dim=1, class_dim=1,
-                    chunk=a["chunk_channels"], generator=gen, variant=variant, rank1=a["rank1"],
-                    progress=cfg["progress"])
+                    chunk=a["chunk_channels"], group_chunk=a["group_chunk"], generator=gen, variant=variant,
+                    rank1=a["rank1"], progress=cfg["progress"])
     sal_x1, sal_x2 = sweep.timed("alg1_saliency", lambda: (
         saliency_vector(teacher, student, [(tr.x1, tr.x2, tr.y)], "input", desc="saliency x1", **sal_args),
         # x2's columns: the same measurement with the roles swapped (the non-target JS is symmetric)

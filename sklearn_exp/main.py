@@ -78,7 +78,8 @@ def validate(cfg: dict) -> None:
         raise C.ConfigError(f"analysis.js_variant: expected textbook or reference, got {cfg['analysis']['js_variant']!r}")
     if cfg["threads"] < 0:
         raise C.ConfigError(f"threads must be ≥ 0 (0 = torch's default), got {cfg['threads']}")
-    for key in ("train.epochs", "alg1.epochs", "alg1.repeats", "alg1.chunk_channels", "train.chunk_runs", "model.hidden"):
+    for key in ("train.epochs", "alg1.epochs", "alg1.repeats", "alg1.chunk_channels", "alg1.group_chunk",
+                "train.chunk_runs", "model.hidden"):
         if C.get(cfg, key) < 1:
             raise C.ConfigError(f"{key} must be ≥ 1, got {C.get(cfg, key)}")
 
