@@ -321,6 +321,16 @@ class RunDir:
             h.close()
         self._handlers = []
 
+    def discard(self) -> None:
+        """Close and delete this run directory: for a run that failed on bad input before producing anything, so
+        that no empty run is left to be mistaken for a result. Refuses once a checkpoint or summary exists."""
+        self.close()
+        if not self.enabled or not self.path.exists():
+            return
+        if (self.path / "summary.json").exists() or any(self.checkpoint_dir.glob("*")):
+            raise RuntimeError(f"{self.path}: holds results; not discarding it")
+        shutil.rmtree(self.path)
+
     def __enter__(self) -> "RunDir":
         return self
 

@@ -108,6 +108,10 @@ def run(cfg: dict, actions: list[str], out, device: str = "auto") -> tuple[RunDi
     try:
         rd.log(f"run directory {rd.path}; actions: {', '.join(actions)}; device {dev}")
         s = E.make_setup(cfg, dev, HERE, rd.log)
+    except (C.ConfigError, C.DataError):
+        rd.discard()   # bad input: nothing was produced, leave no empty run directory behind
+        raise
+    try:
         results: dict = {"experiment": "mnist", "actions": actions, "data_source": s.pair.source,
                          "sizes": {k: len(v) for k, v in s.splits.items()}}
         for action in actions:

@@ -91,6 +91,18 @@ def test_rundir_outputs_and_reopen(tmp_path):
         RunDir.open(tmp_path / "missing")
 
 
+def test_rundir_discard_removes_an_empty_run_but_never_results(tmp_path):
+    run = RunDir.create(tmp_path, "exp", config={"a": 1}, timestamp="t")
+    run.log("about to fail on bad input")
+    run.discard()
+    assert not run.path.exists()
+    kept = RunDir.create(tmp_path, "exp", timestamp="t2")
+    kept.write_summary({"acc": 1.0})
+    with pytest.raises(RuntimeError, match="holds results"):
+        kept.discard()
+    assert (kept.path / "summary.json").exists()
+
+
 def test_rundir_disabled_creates_nothing(tmp_path):
     run = RunDir.create(tmp_path / "out", "exp", config={"a": 1}, code_from=tmp_path, timestamp="t", enabled=False)
     run.log("x")

@@ -173,6 +173,18 @@ def test_cli_errors_are_one_line(tmp_path):
         M.parse_args(["--mode", "1,x"])
 
 
+def test_bad_data_leaves_no_run_directory(tmp_path):
+    """A run that fails on its input before producing anything deletes the run directory it just created."""
+    from common.config import DataError
+    (tmp_path / "data").mkdir()
+    args = M.parse_args(["--out", str(tmp_path / "runs"), "--device", "cpu", "--data-root", str(tmp_path / "data"),
+                         "--set", "data.source=pickle"])
+    cfg, actions = M.resolve_config(args)
+    with pytest.raises(DataError, match="pickle"):
+        M.run(cfg, actions, args.out, args.device)
+    assert not any((tmp_path / "runs").glob("*/"))
+
+
 def test_report_section_from_a_tiny_run(dataset, tmp_path):
     from mnist import report
     args = M.parse_args(["--out", str(tmp_path / "mnist"), "--device", "cpu", "--data-root", str(dataset),
