@@ -12,6 +12,13 @@ Cost control for full-batch training of many runs: ``draws`` < K draws that many
 each by K/draws — an unbiased estimate of the same K-negative NCE sum (the reference draws its K negatives i.i.d.
 with replacement) — and ``sample_rows`` uses that many random anchors per step. The memory bank is updated for
 every sample of the batch either way.
+
+Layout: the banks are stored feature-major, (G, f, n_data) (``memory_s`` / ``memory_t`` are (G, n_data, f) views of
+them), so that normalising over f and gathering entries work along fast axes on CPU. When the embedding input is
+narrower than f (D + 1 < f, e.g. 2 logits embedded in 8 dimensions), the score ⟨m_c, (W x_b + b)/‖W x_b + b‖⟩ is
+computed as ⟨[W b]ᵀ m_c, [x_b; 1]⟩/‖W x_b + b‖: the bank is projected once per step onto the (D + 1)-dimensional
+input space and the (G, B, K+1) gathered entries are (D + 1)- instead of f-dimensional — the same scores, several
+times less data to gather and multiply.
 """
 from __future__ import annotations
 
@@ -25,15 +32,13 @@ from common.kd.relational import _cols, feature_major
 from common.vectorized import BatchedLinear
 
 
-def _l2_normalize(x, eps: float = 1e-12):
-    """= F.normalize(x, dim=-1), written out: vector_norm or a sum over a short last axis is slow on CPU, a
-    matrix-vector product with ones is not."""
-    sq = torch.matmul(x * x, x.new_ones(x.shape[-1], 1))
-    return x / sq.sqrt().clamp_min(eps)
+def _l2_normalize(x, dim: int, eps: float = 1e-12):
+    """= F.normalize(x, dim=dim), written out: vector_norm is slow on CPU."""
+    return x / (x * x).sum(dim, keepdim=True).sqrt().clamp_min(eps)
 
 
 class _NCERows(torch.autograd.Function):
-    """Per-anchor NCE loss (G, B) from the scores dots (G, B, K+1) (column 0 the positive), with the gradient
+    """Per-anchor NCE loss (G, B) from the scores dots (G, K+1, B) (row 0 the positive), with the gradient
     computed in closed form during the forward pass.
 
     With log p = dots/T − log Z and c = K/n + ε the loss of anchor b is
@@ -41,6 +46,7 @@ class _NCERows(torch.autograd.Function):
     (CRD's eq. 18, each drawn negative standing for K/draws of them), and its derivative w.r.t. the scores is
         (p_0/(p_0 + c) − 1)/T for the positive and (K/draws)·p_k/(p_k + c)/T for each negative.
     One pass for the value and the gradient, instead of autograd's record and replay of a dozen elementwise ops.
+    The contrast axis K+1 sits in the middle (reductions over it are fast; a short last axis is not, on CPU).
     """
 
     @staticmethod
@@ -49,28 +55,19 @@ class _NCERows(torch.autograd.Function):
         p = log_p.exp()
         p_c = p + c
         log_pc = p_c.log()
-        rows = (log_pc[..., 0] - log_p[..., 0]
-                + neg_weight * (log_pc[..., 1:].sum(-1) - (dots.shape[-1] - 1) * log_kpn))
+        rows = (log_pc[:, 0] - log_p[:, 0]
+                + neg_weight * (log_pc[:, 1:].sum(1) - (dots.shape[1] - 1) * log_kpn))
         grad = p.div_(p_c)                                   # p/(p + c)
-        pos = (grad[..., 0] - 1) * inv_t
+        pos = (grad[:, 0] - 1) * inv_t
         grad.mul_(neg_weight * inv_t)
-        grad[..., 0] = pos
+        grad[:, 0] = pos
         ctx.save_for_backward(grad)
         return rows
 
     @staticmethod
     def backward(ctx, grad_rows):
         grad, = ctx.saved_tensors
-        return grad * grad_rows.unsqueeze(-1), None, None, None, None, None
-
-
-def _embed(layer: BatchedLinear, x: torch.Tensor) -> torch.Tensor:
-    """L2-normalised embeddings, sample-major (G, N, f), of feature-major samples x (G, D, N).
-
-    The same map as ``layer(x)`` (W x + b per group), computed as xᵀWᵀ + bᵀ so that it lands directly in the
-    (G, N, f) row layout of the memory bank, without a transposed copy.
-    """
-    return _l2_normalize(torch.baddbmm(layer.bias.transpose(1, 2), x.transpose(1, 2), layer.weight.transpose(1, 2)))
+        return grad * grad_rows.unsqueeze(1), None, None, None, None, None
 
 
 @register("crd")
@@ -87,8 +84,9 @@ class CRDistill(DistillLoss):
         self.embed_s = BatchedLinear(student_dim, feat_dim, runs=g)
         self.embed_t = BatchedLinear(teacher_dim, feat_dim, runs=g)
         bound = 1.0 / math.sqrt(feat_dim / 3)
-        self.register_buffer("memory_s", torch.rand(g, self.n_data, feat_dim) * 2 * bound - bound)
-        self.register_buffer("memory_t", torch.rand(g, self.n_data, feat_dim) * 2 * bound - bound)
+        init = lambda: (torch.rand(g, self.n_data, feat_dim) * 2 * bound - bound).transpose(1, 2).contiguous()
+        self.register_buffer("bank_s", init())  # (G, f, n_data), feature-major; memory_s is the (G, n, f) view
+        self.register_buffer("bank_t", init())
         self.register_buffer("z_s", torch.full((g,), -1.0))  # NCE normalisers, fixed at the first call
         self.register_buffer("z_t", torch.full((g,), -1.0))
         self.class_negatives = dataset_labels is not None
@@ -99,6 +97,15 @@ class CRDistill(DistillLoss):
             self.register_buffer("order", torch.sort(labels, dim=1, stable=True).indices)
             self.register_buffer("class_count", counts)
             self.register_buffer("class_start", counts.cumsum(1) - counts)
+
+    @property
+    def memory_s(self) -> torch.Tensor:
+        """The student's memory bank as (G, n_data, f) rows (a view of the feature-major buffer)."""
+        return self.bank_s.transpose(1, 2)
+
+    @property
+    def memory_t(self) -> torch.Tensor:
+        return self.bank_t.transpose(1, 2)
 
     def _contrast_index(self, idx, y):
         """(G, B, K+1) memory indices: column 0 the anchor itself, then K negatives."""
@@ -114,24 +121,36 @@ class CRDistill(DistillLoss):
         neg = self.order.gather(1, pos.view(g, -1)).view(g, b, self.draws)
         return torch.cat([idx.unsqueeze(-1), neg], -1)
 
-    def _nce(self, anchors, memory, cidx, flat, z, w):
-        """Per-run NCE loss of anchors (G, B, f) against memory rows cidx (G, B, K+1); flat: cidx as rows of the
-        (G·n, f) bank."""
-        g, n, f = memory.shape
-        b, k1 = cidx.shape[1:]
+    def _scores(self, layer: BatchedLinear, x, bank, cidx):
+        """Scores ⟨m_c, v_b⟩ (G, K+1, B) of the anchors' embeddings v_b = normalize(W x_b + b) (x: (G, D, B))
+        against the bank entries cidx (G, B, K+1) of a (G, f, n) bank."""
+        g, f, n = bank.shape
+        d, b = x.shape[1:]
+        k1 = cidx.shape[-1]
+        e = torch.baddbmm(layer.bias, layer.weight, x)                                 # (G, f, B)
+        e_norm = (e * e).sum(1, keepdim=True).sqrt().clamp_min(1e-12)                  # (G, 1, B)
         if n <= 4 * k1:
             # small bank: score every entry with one batched matmul, then pick — cheaper than gathering vectors
-            dots = torch.bmm(anchors, memory.transpose(1, 2)).gather(2, cidx)
+            return torch.bmm((e / e_norm).transpose(1, 2), bank).gather(2, cidx).transpose(1, 2)
+        if d + 1 < f:
+            # project the bank onto the input space: ⟨m_c, W x_b + b⟩ = ⟨[W b]ᵀ m_c, [x_b; 1]⟩
+            proj = torch.cat([layer.weight, layer.bias], 2)                           # (G, f, D + 1)
+            left = torch.bmm(proj.transpose(1, 2), bank)                              # (G, D + 1, n)
+            right = torch.cat([x, x.new_ones(g, 1, b)], 1)                            # (G, D + 1, B)
         else:
-            # the K+1 rows of each anchor, then one (K+1, f) @ (f, 1) product per anchor: index_select on
-            # contiguous rows beats fancy indexing, and bmm beats a multiply-and-sum over the short f axis
-            bank = memory.reshape(g * n, f).index_select(0, flat).view(g * b, k1, f)
-            dots = torch.bmm(bank, anchors.reshape(g * b, f, 1)).view(g, b, k1)
+            left, right = bank, e
+        # entries laid out (G, ·, K+1, B): the anchor axis B last, so that nothing broadcasts along the last axis
+        rows = left.gather(2, cidx.transpose(1, 2).reshape(g, 1, k1 * b).expand(-1, left.shape[1], -1))
+        dots = (rows.view(g, -1, k1, b) * right.unsqueeze(2)).sum(1)                 # (G, K+1, B)
+        return dots / e_norm
+
+    def _nce(self, dots, z, w):
+        g = dots.shape[0]
         if (z < 0).any():  # Z = n_data · mean score, fixed at the first call (CRD's normaliser)
             z.copy_(torch.where(z < 0, torch.exp(dots.detach() / self.nce_t).mean((1, 2)) * self.n_data, z))
         k_pn = self.nce_k / self.n_data
         rows = _NCERows.apply(dots, z.log().view(g, 1, 1), 1.0 / self.nce_t, k_pn + self.eps, math.log(k_pn),
-                              self.nce_k / (k1 - 1))
+                              self.nce_k / (dots.shape[1] - 1))
         return self.reduce_rows(rows, w)
 
     def forward(self, student_out, teacher_out, labels=None, omega=None, index=None):
@@ -149,38 +168,27 @@ class CRDistill(DistillLoss):
         if self.class_negatives and y is None:
             raise ValueError("crd: class-aware negatives (dataset_labels) need the labels")
         w = None if omega is None else self._per_row(omega, (g, b), "omega")
-        # anchors: sample_rows random samples per run (all of them without), embedded with gradients
         m = self.sample_rows
         if m is not None and m < b:
-            # m distinct random samples per run (the m smallest of one uniform draw each, as subsample_rows)
+            # m distinct random anchors per run (the m smallest of one uniform draw each, as subsample_rows)
             keep = torch.rand(g, b, device=s.device).topk(m, 1, largest=False, sorted=False).indices
-            a_s, a_t = _cols(s, keep), _cols(t, keep)
-            a_idx = idx.gather(1, keep)
+            a_s, a_t, a_idx = _cols(s, keep), _cols(t, keep), idx.gather(1, keep)
             a_y = None if y is None else y.gather(1, keep)
             a_w = None if w is None else w.gather(1, keep)
         else:
             a_s, a_t, a_idx, a_y, a_w = s, t, idx, y, w
-        vs, vt = _embed(self.embed_s, a_s), _embed(self.embed_t, a_t)                 # (G, B, f)
         cidx = self._contrast_index(a_idx, a_y)
-        n = self.n_data
-        flat = (cidx + torch.arange(g, device=cidx.device).view(g, 1, 1) * n).reshape(-1)
         # student anchors against the teacher memory, teacher anchors against the student memory
-        loss = (self._nce(vs, self.memory_t, cidx, flat, self.z_s, a_w)
-                + self._nce(vt, self.memory_s, cidx, flat, self.z_t, a_w))
-        with torch.no_grad():  # momentum update, out of place: the old banks are saved for this step's backward
-            if vs.shape[1] == b:
-                new_s, new_t = vs.detach(), vt.detach()
-            else:  # every sample of the batch updates its memory row, anchors or not
-                new_s, new_t = _embed(self.embed_s, s), _embed(self.embed_t, t)
-            if full:  # the batch is the whole bank in index order: no indexing needed
-                for name, v in (("memory_s", new_s), ("memory_t", new_t)):
-                    mixed = torch.lerp(v, getattr(self, name), self.nce_m)   # m · memory + (1 − m) · v
-                    setattr(self, name, mixed.div_(torch.matmul(mixed * mixed, v.new_ones(v.shape[-1], 1))
-                                                   .sqrt_().clamp_min_(1e-12)))
-            else:
-                ar = torch.arange(g, device=s.device).view(g, 1)
-                for name, v in (("memory_s", new_s), ("memory_t", new_t)):
-                    memory = getattr(self, name)
-                    updated = _l2_normalize(memory[ar, idx] * self.nce_m + v * (1 - self.nce_m))
-                    setattr(self, name, memory.index_put((ar, idx), updated))
+        loss = (self._nce(self._scores(self.embed_s, a_s, self.bank_t, cidx), self.z_s, a_w)
+                + self._nce(self._scores(self.embed_t, a_t, self.bank_s, cidx), self.z_t, a_w))
+        with torch.no_grad():  # momentum update, out of place: the old banks may be saved for this step's backward
+            for name, layer, x in (("bank_s", self.embed_s, s), ("bank_t", self.embed_t, t)):
+                bank = getattr(self, name)
+                v = _l2_normalize(torch.baddbmm(layer.bias, layer.weight, x), 1)          # (G, f, B)
+                if full:  # the batch is the whole bank in index order: no indexing needed
+                    setattr(self, name, _l2_normalize(torch.lerp(v, bank, self.nce_m), 1))
+                else:
+                    cols = idx.unsqueeze(1).expand(-1, bank.shape[1], -1)
+                    updated = _l2_normalize(torch.lerp(v, bank.gather(2, cols), self.nce_m), 1)
+                    setattr(self, name, bank.scatter(2, cols, updated))
         return loss
