@@ -83,48 +83,126 @@ class PKTDistill(_Relational):
 
     Rows are L2-normalised, similarities mapped to [0, 1] by (cos + 1)/2 and turned into conditional distributions
     over the batch by dividing each row by its (ω-weighted) sum; loss = mean_ij t_ij log((t_ij + ε)/(s_ij + ε)).
+
+    Computed with log(s_ij + ε) = log(sim_ij + ε·r_i) − log r_i (r_i the row sum), which never materialises the
+    student's distribution; with a constant teacher and ω (the usual case) the student's gradient is taken in
+    closed form (_PKTStudent), otherwise by autograd through the same formula.
     """
 
     def __init__(self, eps: float = 1e-7, sample_rows: int | None = None, runs: int | None = None):
         super().__init__(sample_rows, runs)
         self.eps = eps
 
-    def _similarity(self, x, w):
-        """(G, D, N) → similarities (G, N, N) in [0, 1] and their ω-weighted row sums (G, N, 1)."""
-        x = x / (x.pow(2).sum(1, keepdim=True).sqrt() + self.eps)
-        x = torch.nan_to_num(x)
+    def _unit(self, x):
+        return torch.nan_to_num(x / (x.pow(2).sum(1, keepdim=True).sqrt() + self.eps))
+
+    @staticmethod
+    def _similarity(x, w):
+        """Unit columns (G, D, N) → similarities (G, N, N) in [0, 1] and their ω-weighted row sums (G, N, 1)."""
         sim = torch.baddbmm(x.new_tensor(0.5), x.transpose(1, 2), x, alpha=0.5)  # (cos + 1)/2 in one op
-        return sim, torch.bmm(sim, w.unsqueeze(2))
+        return sim, (sim.sum(2, keepdim=True) if w is None else torch.bmm(sim, w.unsqueeze(2)))
 
     def forward(self, student_out, teacher_out, labels=None, omega=None, index=None):
         s, t, w = self._prepare(student_out, teacher_out, omega)
-        sim_t, rows_t = self._similarity(t, w)
+        w_rows = None if omega is None else w          # ω = None: every weight 1, skip the products
+        sim_t, rows_t = self._similarity(self._unit(t), w_rows)
         pt = sim_t / rows_t
-        a = pt * _pair_weights(w)                                  # ω_i ω_j t_ij
-        sim_s, rows_s = self._similarity(s, w)
-        # Σ a_ij [log(t_ij + ε) − log(s_ij + ε)] with log(s_ij + ε) = log(sim_ij + ε·r_i) − log r_i: the same value,
-        # without materialising the student's conditional distribution (fewer passes over the (G, N, N) tensors).
-        log_s = torch.add(sim_s, rows_s, alpha=self.eps).log()
-        kl = ((a * (pt + self.eps).log()).sum((1, 2)) - (a * log_s).sum((1, 2))
-              + (a.sum(2) * rows_s.squeeze(2).log()).sum(1))
-        return (kl / _pair_wnorm(w)).sum()
+        a = pt if w_rows is None else pt * _pair_weights(w)                            # ω_i ω_j t_ij
+        teacher_term = (a * (pt + self.eps).log()).sum((1, 2))
+        inv_norm = 1.0 / _pair_wnorm(w)
+        x = self._unit(s)
+        if not (t.requires_grad or w.requires_grad):
+            return ((teacher_term - _PKTStudent.apply(x, a, w_rows, self.eps)) * inv_norm).sum()
+        sim_s, rows_s = self._similarity(x, w_rows)
+        student_term = (a * torch.add(sim_s, rows_s, alpha=self.eps).log()).sum((1, 2)) \
+            - (a.sum(2) * rows_s.squeeze(2).log()).sum(1)
+        return ((teacher_term - student_term) * inv_norm).sum()
+
+
+class _PKTStudent(torch.autograd.Function):
+    """Σ_ij a_ij log(s_ij + ε) per group (G,) from unit student columns x (G, D, N), s_ij = sim_ij / r_i, with the
+    gradient w.r.t. x computed in closed form during the forward pass (a, ω constant).
+
+    With q_ij = sim_ij + ε r_i the value is Σ a_ij log q_ij − Σ_i a_i log r_i (a_i = Σ_j a_ij), and
+        ∂/∂sim_ij = a_ij/q_ij − ω_j ρ_i,   ρ_i = a_i/r_i − ε Σ_j a_ij/q_ij   (r_i = Σ_j ω_j sim_ij),
+        ∂/∂x = ½ x (Γ + Γᵀ)   for sim = (xᵀx + 1)/2 and Γ = ∂/∂sim.
+    """
+
+    @staticmethod
+    def forward(ctx, x, a, w, eps: float):
+        sim, rows = PKTDistill._similarity(x, w)
+        q = torch.add(sim, rows, alpha=eps)
+        a_rows = a.sum(2, keepdim=True)
+        value = (a * q.log()).sum((1, 2)) - (a_rows * rows.log()).sum((1, 2))
+        a_q = a / q
+        rho = a_rows / rows - eps * a_q.sum(2, keepdim=True)                            # (G, N, 1)
+        w_cols = torch.ones_like(rho).transpose(1, 2) if w is None else w.unsqueeze(1)
+        gamma = torch.baddbmm(a_q, rho, w_cols, alpha=-1)                                # a/q − ρ_i ω_j
+        ctx.save_for_backward(torch.bmm(x, gamma + gamma.transpose(1, 2)).mul_(0.5))
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        grad, = ctx.saved_tensors
+        return grad * grad_value.view(-1, 1, 1), None, None, None
 
 
 @register("sp")
 class SPDistill(_Relational):
     """Similarity-preserving KD (Tung & Mori 2019): ‖norm(S Sᵀ) − norm(T Tᵀ)‖²_F / N² with row-L2-normalised Gram
-    matrices."""
+    matrices (ω-weighted row norms and average). With a constant teacher and ω (the usual case) the student's
+    gradient is taken in closed form (_SPStudent), otherwise by autograd through the same formula."""
 
     def forward(self, student_out, teacher_out, labels=None, omega=None, index=None):
         s, t, w = self._prepare(student_out, teacher_out, omega)
+        w_rows = None if omega is None else w
+        inv_norm = 1.0 / _pair_wnorm(w)
+        if not (t.requires_grad or w.requires_grad):
+            with torch.no_grad():
+                gram_t = _sp_gram(t, w_rows)[0]
+            return (_SPStudent.apply(s, gram_t, w_rows) * inv_norm).sum()
+        diff = _sp_gram(t, w_rows)[0] - _sp_gram(s, w_rows)[0]
+        return (_pair_wsum(diff * diff, w) * inv_norm).sum()
 
-        def gram(x):  # (G, D, N) → row-normalised (G, N, N); the row norms are ω-weighted over the columns
-            g = torch.bmm(x.transpose(1, 2), x)
-            row_norm = torch.bmm(g * g, w.unsqueeze(2)).sqrt().clamp_min(1e-12)
-            return g / row_norm
 
-        diff = gram(t) - gram(s)
-        return (_pair_wsum(diff * diff, w) / _pair_wnorm(w)).sum()
+def _sp_gram(x, w):
+    """(G, D, N) → row-normalised Gram matrix (G, N, N), the raw Gram matrix and the row norms (G, N, 1); the row
+    norms are ω-weighted over the columns (w None: all weights 1)."""
+    g = torch.bmm(x.transpose(1, 2), x)
+    sq = g * g
+    row_sq = sq.sum(2, keepdim=True) if w is None else torch.bmm(sq, w.unsqueeze(2))
+    row_norm = row_sq.sqrt().clamp_min(1e-12)
+    return g / row_norm, g, row_norm
+
+
+class _SPStudent(torch.autograd.Function):
+    """Σ_ij ω_i ω_j (T_ij − S_ij)² per group (G,), S = row-normalised Gram matrix of the student columns x (G, D, N),
+    with the gradient w.r.t. x computed in closed form during the forward pass (teacher T and ω constant).
+
+    With g = xᵀx, n_i = max(√(Σ_j ω_j g_ij²), 1e-12), S = g/n and d = T − S:
+        ∂/∂g_ij = −2 ω_i ω_j (d_ij − S_ij c_i)/n_i,   c_i = Σ_k ω_k d_ik S_ik   (c_i = 0 where n_i is clamped),
+        ∂/∂x = x (Γ + Γᵀ)   for Γ = ∂/∂g.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gram_t, w):
+        gram_s, g, row_norm = _sp_gram(x, w)
+        d = gram_t - gram_s
+        wsum = (lambda m: m.sum(2, keepdim=True)) if w is None else (lambda m: torch.bmm(m, w.unsqueeze(2)))
+        rows = wsum(d * d)                                                               # (G, N, 1)
+        value = (rows.squeeze(2) if w is None else rows.squeeze(2) * w).sum(1)
+        c = wsum(d * gram_s) * (row_norm > 1e-12).to(x.dtype)
+        coef = -2.0 / row_norm if w is None else (-2.0 * w.unsqueeze(2)) / row_norm       # (G, N, 1)
+        gamma = torch.addcmul(d, gram_s, c, value=-1).mul_(coef)
+        if w is not None:
+            gamma.mul_(w.unsqueeze(1))
+        ctx.save_for_backward(torch.bmm(x, gamma + gamma.transpose(1, 2)))
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        grad, = ctx.saved_tensors
+        return grad * grad_value.view(-1, 1, 1), None, None
 
 
 def _pdist(e, eps=1e-12):

@@ -1339,3 +1339,29 @@ def test_pkt_sp_runs_with_sample_rows_equal_subset_loss(case, runs):
     cols = lambda x, r: (x[r] if runs else x.t()).t()[keep[r]]                     # (m, C) samples of run r
     want = sum(full(cols(s, r), cols(t, r), omega=(w[r] if runs else w)[keep[r]]) for r in range(g))
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["pkt", "sp"])
+@pytest.mark.parametrize("runs", [None, 3])
+@pytest.mark.parametrize("masked", [False, True])
+def test_pkt_sp_closed_form_equals_autograd(case, runs, masked):
+    """Constant teacher and ω: the student's closed-form gradient equals autograd through the same formula (the path
+    taken when the teacher carries a gradient), value and gradient."""
+    s, t, w = _inputs_runs(runs, 7, 3, 5, seed=74)
+    w[..., 1] = 0.0
+    loss = build_loss(case, runs=runs)
+    omega = w if masked else None
+    fast = loss(s, t, omega=omega)
+    g_fast, = torch.autograd.grad(fast, s)
+    plain = loss(s, t.clone().requires_grad_(True), omega=omega)
+    g_plain, = torch.autograd.grad(plain, s)
+    torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(g_fast, g_plain, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("case", ["pkt", "sp"])
+def test_pkt_sp_closed_form_gradcheck(case):
+    s, t, w = _inputs_runs(2, 6, 3, 4, seed=75)
+    loss = build_loss(case, runs=2)
+    assert torch.autograd.gradcheck(lambda x: loss(x, t, omega=w), (s,), eps=1e-6, atol=1e-6, rtol=1e-4)
+    assert torch.autograd.gradcheck(lambda x: loss(x, t), (s,), eps=1e-6, atol=1e-6, rtol=1e-4)
