@@ -116,8 +116,9 @@ class CRDistill(DistillLoss):
         rows = torch.arange(g, device=idx.device).unsqueeze(1)
         count = self.class_count[rows, y].unsqueeze(-1)                         # (G, B, 1) anchor's class size
         start = self.class_start[rows, y].unsqueeze(-1)
-        u = (torch.rand(g, b, self.draws, device=idx.device) * (self.n_data - count)).long()
-        pos = u + count * (u >= start)                                          # skip the anchor's class block
+        # in float32 (integers exact below 2^24), a single conversion at the end: int64 passes cost twice as much
+        u = torch.rand(g, b, self.draws, device=idx.device).mul_(self.n_data - count).floor_()
+        pos = u.addcmul_(count.to(u.dtype), (u >= start).to(u.dtype)).long()   # skip the anchor's class block
         neg = self.order.gather(1, pos.view(g, -1)).view(g, b, self.draws)
         return torch.cat([idx.unsqueeze(-1), neg], -1)
 
@@ -133,16 +134,15 @@ class CRDistill(DistillLoss):
             # small bank: score every entry with one batched matmul, then pick — cheaper than gathering vectors
             return torch.bmm((e / e_norm).transpose(1, 2), bank).gather(2, cidx).transpose(1, 2)
         if d + 1 < f:
-            # project the bank onto the input space: ⟨m_c, W x_b + b⟩ = ⟨[W b]ᵀ m_c, [x_b; 1]⟩
+            # project the bank onto the input space: ⟨m_c, W x_b + b⟩/‖e_b‖ = ⟨[W b]ᵀ m_c, [x_b; 1]/‖e_b‖⟩
             proj = torch.cat([layer.weight, layer.bias], 2)                           # (G, f, D + 1)
             left = torch.bmm(proj.transpose(1, 2), bank)                              # (G, D + 1, n)
-            right = torch.cat([x, x.new_ones(g, 1, b)], 1)                            # (G, D + 1, B)
+            right = torch.cat([x, x.new_ones(g, 1, b)], 1) / e_norm                   # (G, D + 1, B)
         else:
-            left, right = bank, e
+            left, right = bank, e / e_norm
         # entries laid out (G, ·, K+1, B): the anchor axis B last, so that nothing broadcasts along the last axis
         rows = left.gather(2, cidx.transpose(1, 2).reshape(g, 1, k1 * b).expand(-1, left.shape[1], -1))
-        dots = (rows.view(g, -1, k1, b) * right.unsqueeze(2)).sum(1)                 # (G, K+1, B)
-        return dots / e_norm
+        return (rows.view(g, -1, k1, b) * right.unsqueeze(2)).sum(1)                 # (G, K+1, B)
 
     def _nce(self, dots, z, w):
         g = dots.shape[0]
@@ -184,11 +184,15 @@ class CRDistill(DistillLoss):
         with torch.no_grad():  # momentum update, out of place: the old banks may be saved for this step's backward
             for name, layer, x in (("bank_s", self.embed_s, s), ("bank_t", self.embed_t, t)):
                 bank = getattr(self, name)
-                v = _l2_normalize(torch.baddbmm(layer.bias, layer.weight, x), 1)          # (G, f, B)
+                # in place on fresh tensors: every (G, f, B) allocation costs about as much as a pass over it
+                v = torch.baddbmm(layer.bias, layer.weight, x)                              # (G, f, B)
+                square = torch.mul(v, v)
+                v.div_(square.sum(1, keepdim=True).sqrt_().clamp_min_(1e-12))
                 if full:  # the batch is the whole bank in index order: no indexing needed
-                    setattr(self, name, _l2_normalize(torch.lerp(v, bank, self.nce_m), 1))
+                    new = v.lerp_(bank, self.nce_m)                                         # m·bank + (1 − m)·v
                 else:
                     cols = idx.unsqueeze(1).expand(-1, bank.shape[1], -1)
-                    updated = _l2_normalize(torch.lerp(v, bank.gather(2, cols), self.nce_m), 1)
-                    setattr(self, name, bank.scatter(2, cols, updated))
+                    new = v.lerp_(bank.gather(2, cols), self.nce_m)
+                new.div_(torch.mul(new, new, out=square).sum(1, keepdim=True).sqrt_().clamp_min_(1e-12))
+                setattr(self, name, new if full else bank.scatter(2, cols, new))
         return loss
