@@ -256,23 +256,27 @@ class RKDistill(_Relational):
         return loss_d, loss_a
 
     # sampled --------------------------------------------------------------------------------------------------
-    def _sampled(self, s, t, w):
+    def _sampled(self, s, t, w, weighted: bool):
         g, n = s.shape[0], s.shape[2]
         p, k = self.pairs, self.triplets
         # one draw for every index (i, j of the pairs, then a; b, c of the triplets), one gather of their columns
         ix = torch.randint(n, (g, 2 * p + 3 * k), device=s.device)
-        i, j = ix[:, :p], ix[:, p:2 * p]
-        wx = w.gather(1, ix)
-        pw = wx[:, :p] * wx[:, p:2 * p]
-        tw = wx[:, 2 * p:2 * p + k] * wx[:, 2 * p + k:2 * p + 2 * k] * wx[:, 2 * p + 2 * k:]
-        distinct = (i != j).to(s.dtype)
+        distinct = (ix[:, :p] != ix[:, p:2 * p]).to(s.dtype)
+        if weighted:
+            wx = w.gather(1, ix)
+            pw = wx[:, :p] * wx[:, p:2 * p]
+            tw = wx[:, 2 * p:2 * p + k] * wx[:, 2 * p + k:2 * p + 2 * k] * wx[:, 2 * p + 2 * k:]
+            dw = pw * distinct
+        else:  # ω = None: every weight is 1
+            pw = tw = None
+            dw = distinct
         with torch.no_grad():
-            teacher = _rkd_geometry(_cols(t, ix), p, k, distinct, pw * distinct)
+            teacher = _rkd_geometry(_cols(t, ix), p, k, distinct, dw)
         x = _cols(s, ix)
         if not w.requires_grad:
-            return _RKDSampledLoss.apply(x, teacher.ds, teacher.cos, pw, tw, distinct, p, k, self.w_d, self.w_a)
+            return _RKDSampledLoss.apply(x, teacher.ds, teacher.cos, pw, tw, distinct, dw, self.w_d, self.w_a)
         # ω with a gradient (mask parity mode): plain autograd, the weights are differentiated too
-        student = _rkd_geometry(x, p, k, distinct, pw * distinct)
+        student = _rkd_geometry(x, p, k, distinct, dw)
         loss_d = _wmean(F.smooth_l1_loss(student.ds, teacher.ds, reduction="none"), pw, 1)
         loss_a = _wmean(F.smooth_l1_loss(student.cos, teacher.cos, reduction="none"), tw, 1)
         return self.w_d * loss_d + self.w_a * loss_a
@@ -284,7 +288,7 @@ class RKDistill(_Relational):
         if self.pairs is None:
             loss_d, loss_a = self._exact(s, t, w)
             return (self.w_d * loss_d + self.w_a * loss_a).sum()
-        return self._sampled(s, t, w).sum()
+        return self._sampled(s, t, w, omega is not None).sum()
 
 
 class _Geometry:
@@ -331,20 +335,28 @@ class _RKDSampledLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, dt, at, pw, tw, distinct, p: int, k: int, w_d: float, w_a: float):
-        geo = _rkd_geometry(x, p, k, distinct, pw * distinct)
-        err_d, err_a = geo.ds - dt, geo.cos - at
-        pw_sum, tw_sum = pw.sum(1, keepdim=True).clamp_min(1e-12), tw.sum(1, keepdim=True).clamp_min(1e-12)
-        loss = (w_d * (F.smooth_l1_loss(geo.ds, dt, reduction="none") * pw).sum(1) / pw_sum.squeeze(1)
-                + w_a * (F.smooth_l1_loss(geo.cos, at, reduction="none") * tw).sum(1) / tw_sum.squeeze(1))
+    def forward(ctx, x, dt, at, pw, tw, distinct, dw, w_d: float, w_a: float):
+        """pw (G, p) and tw (G, k) are the pair / triplet weights (None: all 1), dw = pw · distinct."""
+        p, k = dt.shape[1], at.shape[1]
+        geo = _rkd_geometry(x, p, k, distinct, dw)
+
+        def weighted_mean_and_scale(values, weights, count):
+            if weights is None:
+                return values.sum(1) / count, 1.0 / count
+            total = weights.sum(1, keepdim=True).clamp_min(1e-12)
+            return (values * weights).sum(1) / total.squeeze(1), weights / total
+
+        loss_d, scale_d = weighted_mean_and_scale(F.smooth_l1_loss(geo.ds, dt, reduction="none"), pw, p)
+        loss_a, scale_a = weighted_mean_and_scale(F.smooth_l1_loss(geo.cos, at, reduction="none"), tw, k)
+        loss = w_d * loss_d + w_a * loss_a
         # distances
-        gamma = err_d.clamp_(-1, 1).mul_(pw).mul_(w_d / pw_sum)
+        gamma = (geo.ds - dt).clamp_(-1, 1).mul_(scale_d).mul_(w_d)
         through_mu = (gamma * geo.d).sum(1, keepdim=True) / geo.mu_c.pow(2) * (geo.mu >= 1e-12).to(x.dtype)
-        grad_d = gamma.div_(geo.mu_c).sub_(through_mu * (pw * distinct) / geo.dw_sum)
+        grad_d = gamma.div_(geo.mu_c).sub_(through_mu * dw / geo.dw_sum)
         grad_r = grad_d.mul_(distinct).mul_((geo.r >= 1e-12).to(x.dtype)).div_(geo.root)
         g_j = geo.dij * grad_r.unsqueeze(1)
         # angles
-        alpha = err_a.clamp_(-1, 1).mul_(tw).mul_(w_a / tw_sum)
+        alpha = (geo.cos - at).clamp_(-1, 1).mul_(scale_a).mul_(w_a)
         c_uv = (alpha / (geo.nu * geo.nv)).unsqueeze(1)
         c_u = (alpha * geo.cos / (geo.nu * geo.nu) * (geo.uu >= 1e-24).to(x.dtype)).unsqueeze(1)
         c_v = (alpha * geo.cos / (geo.nv * geo.nv) * (geo.vv >= 1e-24).to(x.dtype)).unsqueeze(1)
@@ -356,5 +368,5 @@ class _RKDSampledLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad, = ctx.saved_tensors
-        return grad * grad_loss.view(-1, 1, 1), None, None, None, None, None, None, None, None, None
+        return grad * grad_loss.view(-1, 1, 1), None, None, None, None, None, None, None, None
 
