@@ -37,30 +37,36 @@ def _l2_normalize(x, dim: int, eps: float = 1e-12):
     return x / (x * x).sum(dim, keepdim=True).sqrt().clamp_min(eps)
 
 
-class _NCERows(torch.autograd.Function):
-    """Per-anchor NCE loss (G, B) from the scores dots (G, K+1, B) (row 0 the positive), with the gradient
-    computed in closed form during the forward pass.
+def _nce_rows(dots, log_z, inv_t: float, c: float, log_kpn: float, neg_weight: float):
+    """Per-anchor NCE loss (G, B) from the scores dots (G, K+1, B) (row 0 the positive), and its gradient w.r.t.
+    the scores (G, K+1, B), both in one pass.
 
     With log p = dots/T − log Z and c = K/n + ε the loss of anchor b is
         −log(p_0 / (p_0 + c)) − (K/draws) Σ_{k≥1} log((K/n) / (p_k + c))
     (CRD's eq. 18, each drawn negative standing for K/draws of them), and its derivative w.r.t. the scores is
         (p_0/(p_0 + c) − 1)/T for the positive and (K/draws)·p_k/(p_k + c)/T for each negative.
-    One pass for the value and the gradient, instead of autograd's record and replay of a dozen elementwise ops.
     The contrast axis K+1 sits in the middle (reductions over it are fast; a short last axis is not, on CPU).
     """
+    log_p = dots * inv_t - log_z
+    p = log_p.exp()
+    p_c = p + c
+    log_pc = p_c.log()
+    rows = (log_pc[:, 0] - log_p[:, 0]
+            + neg_weight * (log_pc[:, 1:].sum(1) - (dots.shape[1] - 1) * log_kpn))
+    grad = p.div_(p_c)                                   # p/(p + c)
+    pos = (grad[:, 0] - 1) * inv_t
+    grad.mul_(neg_weight * inv_t)
+    grad[:, 0] = pos
+    return rows, grad
+
+
+class _NCERows(torch.autograd.Function):
+    """_nce_rows as an autograd function: the closed-form gradient instead of autograd's record and replay of a
+    dozen elementwise ops."""
 
     @staticmethod
     def forward(ctx, dots, log_z, inv_t: float, c: float, log_kpn: float, neg_weight: float):
-        log_p = dots * inv_t - log_z
-        p = log_p.exp()
-        p_c = p + c
-        log_pc = p_c.log()
-        rows = (log_pc[:, 0] - log_p[:, 0]
-                + neg_weight * (log_pc[:, 1:].sum(1) - (dots.shape[1] - 1) * log_kpn))
-        grad = p.div_(p_c)                                   # p/(p + c)
-        pos = (grad[:, 0] - 1) * inv_t
-        grad.mul_(neg_weight * inv_t)
-        grad[:, 0] = pos
+        rows, grad = _nce_rows(dots, log_z, inv_t, c, log_kpn, neg_weight)
         ctx.save_for_backward(grad)
         return rows
 
@@ -68,6 +74,41 @@ class _NCERows(torch.autograd.Function):
     def backward(ctx, grad_rows):
         grad, = ctx.saved_tensors
         return grad * grad_rows.unsqueeze(1), None, None, None, None, None
+
+
+class _NCELoss(torch.autograd.Function):
+    """Per-run NCE loss (G,) = mean_b ω_b · NCE_b with the scores ⟨left[:, c_kb], right[:, b]⟩ of two factors
+    left (G, r, n) and right (G, r, B) at the contrast indices cidx (G, K+1, B); constant ω (None: all 1).
+
+    Both factors' gradients are formed during the forward pass, while the gathered (G, r, K+1, B) entries are at
+    hand: ∂/∂right = Σ_k γ_kb left[:, c_kb] and ∂/∂left[:, c] = Σ_{(k,b): c_kb = c} γ_kb right[:, b], γ the NCE's
+    score gradient times ω_b/B (_nce_rows). The backward pass only scales them by the per-run output gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, left, right, cidx, w, log_z, inv_t: float, c: float, log_kpn: float, neg_weight: float):
+        g, r, n = left.shape
+        k1, b = cidx.shape[1:]
+        index = cidx.reshape(g, 1, k1 * b).expand(-1, r, -1)
+        rows = left.gather(2, index).view(g, r, k1, b)
+        nce, grad = _nce_rows((rows * right.unsqueeze(2)).sum(1), log_z, inv_t, c, log_kpn, neg_weight)
+        weight = torch.full((g, 1, b), 1.0 / b, dtype=nce.dtype, device=nce.device) if w is None \
+            else (w / b).unsqueeze(1)
+        loss = (nce * weight.squeeze(1)).sum(1)
+        grad.mul_(weight).unsqueeze_(1)                                                   # (G, 1, K+1, B)
+        grad_right = (rows.mul_(grad)).sum(2) if ctx.needs_input_grad[1] else None
+        grad_left = None
+        if ctx.needs_input_grad[0]:
+            grad_left = torch.zeros_like(left).scatter_add_(2, index, (grad * right.unsqueeze(2)).view(g, r, -1))
+        ctx.save_for_backward(grad_left, grad_right)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_left, grad_right = ctx.saved_tensors
+        scale = grad_loss.view(-1, 1, 1)
+        return (None if grad_left is None else grad_left * scale, None if grad_right is None else grad_right * scale,
+                None, None, None, None, None, None, None)
 
 
 @register("crd")
@@ -122,15 +163,15 @@ class CRDistill(DistillLoss):
         neg = self.order.gather(1, pos.view(g, -1)).view(g, b, self.draws)
         return torch.cat([idx.unsqueeze(-1), neg], -1)
 
-    def _scores(self, layer: BatchedLinear, x, bank, cidx):
-        """Scores ⟨m_c, v_b⟩ (G, K+1, B) of the anchors' embeddings v_b = normalize(W x_b + b) (x: (G, D, B))
-        against the bank entries cidx (G, B, K+1) of a (G, f, n) bank."""
+    def _factors(self, layer: BatchedLinear, x, bank, cidx):
+        """The scores ⟨m_c, v_b⟩ of the anchors' embeddings v_b = normalize(W x_b + b) (x: (G, D, B)) against the
+        entries of a (G, f, n) bank are ⟨left[:, c], right[:, b]⟩ with (left, right) returned here — or, for a small
+        bank, the scores (G, K+1, B) themselves (cidx: (G, B, K+1))."""
         g, f, n = bank.shape
         d, b = x.shape[1:]
-        k1 = cidx.shape[-1]
         e = torch.baddbmm(layer.bias, layer.weight, x)                                 # (G, f, B)
         e_norm = (e * e).sum(1, keepdim=True).sqrt().clamp_min(1e-12)                  # (G, 1, B)
-        if n <= 4 * k1:
+        if n <= 4 * cidx.shape[-1]:
             # small bank: score every entry with one batched matmul, then pick — cheaper than gathering vectors
             return torch.bmm((e / e_norm).transpose(1, 2), bank).gather(2, cidx).transpose(1, 2)
         if d + 1 < f:
@@ -138,20 +179,39 @@ class CRDistill(DistillLoss):
             proj = torch.cat([layer.weight, layer.bias], 2)                           # (G, f, D + 1)
             left = torch.bmm(proj.transpose(1, 2), bank)                              # (G, D + 1, n)
             right = torch.cat([x, x.new_ones(g, 1, b)], 1) / e_norm                   # (G, D + 1, B)
-        else:
-            left, right = bank, e / e_norm
-        # entries laid out (G, ·, K+1, B): the anchor axis B last, so that nothing broadcasts along the last axis
-        rows = left.gather(2, cidx.transpose(1, 2).reshape(g, 1, k1 * b).expand(-1, left.shape[1], -1))
-        return (rows.view(g, -1, k1, b) * right.unsqueeze(2)).sum(1)                 # (G, K+1, B)
+            return left, right
+        return bank, e / e_norm
 
-    def _nce(self, dots, z, w):
-        g = dots.shape[0]
+    def _scores(self, layer: BatchedLinear, x, bank, cidx):
+        """Scores ⟨m_c, v_b⟩ (G, K+1, B) against the bank entries cidx (G, B, K+1) (see _factors)."""
+        factors = self._factors(layer, x, bank, cidx)
+        if not isinstance(factors, tuple):
+            return factors
+        left, right = factors
+        g, r = left.shape[:2]
+        k1, b = cidx.shape[2], cidx.shape[1]
+        # entries laid out (G, ·, K+1, B): the anchor axis B last, so that nothing broadcasts along the last axis
+        rows = left.gather(2, cidx.transpose(1, 2).reshape(g, 1, k1 * b).expand(-1, r, -1))
+        return (rows.view(g, r, k1, b) * right.unsqueeze(2)).sum(1)
+
+    def _nce_args(self, z, negatives: int):
+        k_pn = self.nce_k / self.n_data
+        return (z.log().view(-1, 1, 1), 1.0 / self.nce_t, k_pn + self.eps, math.log(k_pn),
+                self.nce_k / negatives)
+
+    def _direction(self, layer: BatchedLinear, x, bank, cidx, z, w):
+        """Per-run NCE loss (G,) of the anchors x (G, D, B) against a (G, f, n) bank."""
+        if (z >= 0).all() and (w is None or not w.requires_grad):
+            factors = self._factors(layer, x, bank, cidx)
+            if isinstance(factors, tuple):  # the fused path (_NCELoss)
+                return _NCELoss.apply(*factors, cidx.transpose(1, 2), w, *self._nce_args(z, cidx.shape[-1] - 1))
+            dots = factors
+        else:
+            dots = self._scores(layer, x, bank, cidx)
         if (z < 0).any():  # Z = n_data · mean score, fixed at the first call (CRD's normaliser)
             z.copy_(torch.where(z < 0, torch.exp(dots.detach() / self.nce_t).mean((1, 2)) * self.n_data, z))
-        k_pn = self.nce_k / self.n_data
-        rows = _NCERows.apply(dots, z.log().view(g, 1, 1), 1.0 / self.nce_t, k_pn + self.eps, math.log(k_pn),
-                              self.nce_k / (dots.shape[1] - 1))
-        return self.reduce_rows(rows, w)
+        rows = _NCERows.apply(dots, *self._nce_args(z, cidx.shape[-1] - 1))
+        return (rows if w is None else rows * w).mean(1)
 
     def forward(self, student_out, teacher_out, labels=None, omega=None, index=None):
         s, t = feature_major(self, student_out, "student_out"), feature_major(self, teacher_out, "teacher_out")
@@ -179,8 +239,10 @@ class CRDistill(DistillLoss):
             a_s, a_t, a_idx, a_y, a_w = s, t, idx, y, w
         cidx = self._contrast_index(a_idx, a_y)
         # student anchors against the teacher memory, teacher anchors against the student memory
-        loss = (self._nce(self._scores(self.embed_s, a_s, self.bank_t, cidx), self.z_s, a_w)
-                + self._nce(self._scores(self.embed_t, a_t, self.bank_s, cidx), self.z_t, a_w))
+        per_run = (self._direction(self.embed_s, a_s, self.bank_t, cidx, self.z_s, a_w)
+                   + self._direction(self.embed_t, a_t, self.bank_s, cidx, self.z_t, a_w))
+        # ω_b weights anchor b's terms, the normaliser stays the number of anchors (reduce_rows); summed over runs
+        loss = per_run.sum()
         with torch.no_grad():  # momentum update, out of place: the old banks may be saved for this step's backward
             for name, layer, x in (("bank_s", self.embed_s, s), ("bank_t", self.embed_t, t)):
                 bank = getattr(self, name)

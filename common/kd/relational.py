@@ -272,11 +272,10 @@ class RKDistill(_Relational):
             dw = distinct
         with torch.no_grad():
             teacher = _rkd_geometry(_cols(t, ix), p, k, distinct, dw)
-        x = _cols(s, ix)
         if not w.requires_grad:
-            return _RKDSampledLoss.apply(x, teacher.ds, teacher.cos, pw, tw, distinct, dw, self.w_d, self.w_a)
+            return _RKDSampledLoss.apply(s, ix, teacher.ds, teacher.cos, pw, tw, distinct, dw, self.w_d, self.w_a)
         # ω with a gradient (mask parity mode): plain autograd, the weights are differentiated too
-        student = _rkd_geometry(x, p, k, distinct, dw)
+        student = _rkd_geometry(_cols(s, ix), p, k, distinct, dw)
         loss_d = _wmean(F.smooth_l1_loss(student.ds, teacher.ds, reduction="none"), pw, 1)
         loss_a = _wmean(F.smooth_l1_loss(student.cos, teacher.cos, reduction="none"), tw, 1)
         return self.w_d * loss_d + self.w_a * loss_a
@@ -323,8 +322,8 @@ def _rkd_geometry(x, p: int, k: int, distinct, dw) -> _Geometry:
 
 
 class _RKDSampledLoss(torch.autograd.Function):
-    """Per-group sampled RKD loss w_d·L_d + w_a·L_a (G,) from the student's gathered columns x (G, D, 2p + 3k),
-    with its gradient w.r.t. x computed in closed form during the forward pass (constant weights and teacher).
+    """Per-group sampled RKD loss w_d·L_d + w_a·L_a (G,) from the student's samples s (G, D, N) at the drawn columns,
+    with its gradient w.r.t. s computed in closed form during the forward pass (constant weights and teacher).
 
     L_d = Σ_q pw_q h(ds_q − dt_q) / Σ pw and L_a = Σ_t tw_t h(cos_t − at_t) / Σ tw with h the smooth-L1 (β = 1),
     h' = clamp(·, −1, 1). With γ = w_d·pw·h'/Σpw and α = w_a·tw·h'/Σtw:
@@ -335,10 +334,12 @@ class _RKDSampledLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, dt, at, pw, tw, distinct, dw, w_d: float, w_a: float):
-        """pw (G, p) and tw (G, k) are the pair / triplet weights (None: all 1), dw = pw · distinct."""
+    def forward(ctx, s, ix, dt, at, pw, tw, distinct, dw, w_d: float, w_a: float):
+        """s (G, D, N) student samples, ix (G, 2p + 3k) the drawn columns [i | j | a | b | c]; pw (G, p) and tw (G, k)
+        the pair / triplet weights (None: all 1), dw = pw · distinct."""
         p, k = dt.shape[1], at.shape[1]
-        geo = _rkd_geometry(x, p, k, distinct, dw)
+        cols = ix.unsqueeze(1).expand(-1, s.shape[1], -1)
+        geo = _rkd_geometry(s.gather(2, cols), p, k, distinct, dw)
 
         def weighted_mean_and_scale(values, weights, count):
             if weights is None:
@@ -349,24 +350,30 @@ class _RKDSampledLoss(torch.autograd.Function):
         loss_d, scale_d = weighted_mean_and_scale(F.smooth_l1_loss(geo.ds, dt, reduction="none"), pw, p)
         loss_a, scale_a = weighted_mean_and_scale(F.smooth_l1_loss(geo.cos, at, reduction="none"), tw, k)
         loss = w_d * loss_d + w_a * loss_a
+        # gradient w.r.t. the gathered columns, written straight into one buffer laid out like them
+        grad = torch.empty(cols.shape, dtype=s.dtype, device=s.device)
+        g_i, g_j, g_a, g_b, g_c = grad.split([p, p, k, k, k], 2)
         # distances
         gamma = (geo.ds - dt).clamp_(-1, 1).mul_(scale_d).mul_(w_d)
-        through_mu = (gamma * geo.d).sum(1, keepdim=True) / geo.mu_c.pow(2) * (geo.mu >= 1e-12).to(x.dtype)
+        through_mu = (gamma * geo.d).sum(1, keepdim=True) / geo.mu_c.pow(2) * (geo.mu >= 1e-12).to(s.dtype)
         grad_d = gamma.div_(geo.mu_c).sub_(through_mu * dw / geo.dw_sum)
-        grad_r = grad_d.mul_(distinct).mul_((geo.r >= 1e-12).to(x.dtype)).div_(geo.root)
-        g_j = geo.dij * grad_r.unsqueeze(1)
+        grad_r = grad_d.mul_(distinct).mul_((geo.r >= 1e-12).to(s.dtype)).div_(geo.root)
+        torch.mul(geo.dij, grad_r.unsqueeze(1), out=g_j)
+        torch.neg(g_j, out=g_i)
         # angles
         alpha = (geo.cos - at).clamp_(-1, 1).mul_(scale_a).mul_(w_a)
         c_uv = (alpha / (geo.nu * geo.nv)).unsqueeze(1)
-        c_u = (alpha * geo.cos / (geo.nu * geo.nu) * (geo.uu >= 1e-24).to(x.dtype)).unsqueeze(1)
-        c_v = (alpha * geo.cos / (geo.nv * geo.nv) * (geo.vv >= 1e-24).to(x.dtype)).unsqueeze(1)
-        g_b = geo.v * c_uv - geo.u * c_u
-        g_c = geo.u * c_uv - geo.v * c_v
-        ctx.save_for_backward(torch.cat([-g_j, g_j, -(g_b + g_c), g_b, g_c], 2))
+        c_u = (alpha * geo.cos / (geo.nu * geo.nu) * (geo.uu >= 1e-24).to(s.dtype)).unsqueeze(1)
+        c_v = (alpha * geo.cos / (geo.nv * geo.nv) * (geo.vv >= 1e-24).to(s.dtype)).unsqueeze(1)
+        torch.mul(geo.v, c_uv, out=g_b).addcmul_(geo.u, c_u, value=-1)
+        torch.mul(geo.u, c_uv, out=g_c).addcmul_(geo.v, c_v, value=-1)
+        torch.add(g_b, g_c, out=g_a).neg_()
+        # scattered back onto the samples here: the backward pass then only scales a (G, D, N) tensor
+        ctx.save_for_backward(torch.zeros_like(s).scatter_add_(2, cols, grad))
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad, = ctx.saved_tensors
-        return grad * grad_loss.view(-1, 1, 1), None, None, None, None, None, None, None, None
+        return grad * grad_loss.view(-1, 1, 1), None, None, None, None, None, None, None, None, None
 

@@ -1273,15 +1273,16 @@ def test_crd_large_bank_direct_path_value(monkeypatch):
     torch.manual_seed(0)
     loss = build_loss("crd", student_dim=3, teacher_dim=4, n_data=n_data, feat_dim=3, nce_k=nce_k).double()
     seen = _capture_contrast(monkeypatch, loss)
-    s, t = r.normal(size=(B, 3)), r.normal(size=(B, 4))
-    idx = r.choice(n_data, size=B, replace=False)
-    w = r.uniform(0, 1, size=B)
-    before = copy.deepcopy(loss)
-    got = loss(t64(s), t64(t), omega=t64(w), index=torch.tensor(idx)).item()
-    ref, mem_s, mem_t, _, _ = ref_crd(s, t, before, seen[-1][0].numpy(), idx, w)
-    assert got == pytest.approx(ref, rel=1e-9)
-    np.testing.assert_allclose(loss.memory_s[0].numpy(), mem_s, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(loss.memory_t[0].numpy(), mem_t, rtol=1e-10, atol=1e-12)
+    for step in range(2):  # step 0 fixes Z (unfused path), step 1 takes the fused one (_NCELoss)
+        s, t = r.normal(size=(B, 3)), r.normal(size=(B, 4))
+        idx = r.choice(n_data, size=B, replace=False)
+        w = r.uniform(0, 1, size=B)
+        before = copy.deepcopy(loss)
+        got = loss(t64(s), t64(t), omega=t64(w), index=torch.tensor(idx)).item()
+        ref, mem_s, mem_t, _, _ = ref_crd(s, t, before, seen[-1][0].numpy(), idx, w)
+        assert got == pytest.approx(ref, rel=1e-9)
+        np.testing.assert_allclose(loss.memory_s[0].numpy(), mem_s, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(loss.memory_t[0].numpy(), mem_t, rtol=1e-10, atol=1e-12)
 
 
 def test_crd_nce_closed_form_gradcheck_large_bank(monkeypatch):
@@ -1365,3 +1366,36 @@ def test_pkt_sp_closed_form_gradcheck(case):
     loss = build_loss(case, runs=2)
     assert torch.autograd.gradcheck(lambda x: loss(x, t, omega=w), (s,), eps=1e-6, atol=1e-6, rtol=1e-4)
     assert torch.autograd.gradcheck(lambda x: loss(x, t), (s,), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dims", [(3, 6), (7, 4)])  # projected bank / normalised embeddings directly
+@pytest.mark.parametrize("masked", [False, True])
+def test_crd_fused_nce_equals_unfused(monkeypatch, dims, masked):
+    """Large bank, Z fixed: the fused _NCELoss (both factors' gradients formed in the forward pass) equals the
+    unfused scores → _NCERows → ω-weighted mean, value and every gradient (inputs and embedding parameters)."""
+    d, f = dims
+    r = rng(69)
+    B, n_data = 6, 50
+    torch.manual_seed(0)
+    base = build_loss("crd", student_dim=d, teacher_dim=d, n_data=n_data, feat_dim=f, nce_k=4, runs=2).double()
+    cidx = torch.tensor(r.integers(0, n_data, size=(2, B, 5)))
+    idx = torch.tensor(np.stack([r.choice(n_data, size=B, replace=False) for _ in range(2)]))
+    cidx[..., 0] = idx
+    _capture_contrast(monkeypatch, base, fixed=lambda i, y: cidx)
+    base(t64(r.normal(size=(2, d, B))), t64(r.normal(size=(2, d, B))), index=idx)  # fixes Z
+    s, t = t64(r.normal(size=(2, d, B)), grad=True), t64(r.normal(size=(2, d, B)), grad=True)
+    w = t64(r.uniform(0, 1, size=(2, B))) if masked else None
+    results = []
+    for fused in (True, False):
+        loss = copy.deepcopy(base)
+        _capture_contrast(monkeypatch, loss, fixed=lambda i, y: cidx)
+        if not fused:  # the unfused path is the one taken while Z is unset; force it with a grad-carrying ω
+            w_in = (torch.ones(2, B, dtype=DT) if w is None else w).clone().requires_grad_(True)
+        else:
+            w_in = w
+        value = loss(s, t, omega=w_in, index=idx)
+        grads = torch.autograd.grad(value, (s, t, *loss.parameters()))
+        results.append((value, grads))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
