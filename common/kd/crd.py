@@ -17,8 +17,13 @@ Layout: the banks are stored feature-major, (G, f, n_data) (``memory_s`` / ``mem
 them), so that normalising over f and gathering entries work along fast axes on CPU. When the embedding input is
 narrower than f (D + 1 < f, e.g. 2 logits embedded in 8 dimensions), the score ⟨m_c, (W x_b + b)/‖W x_b + b‖⟩ is
 computed as ⟨[W b]ᵀ m_c, [x_b; 1]⟩/‖W x_b + b‖: the bank is projected once per step onto the (D + 1)-dimensional
-input space and the (G, B, K+1) gathered entries are (D + 1)- instead of f-dimensional — the same scores, several
-times less data to gather and multiply.
+input space and the gathered entries (one per anchor and contrast index) are (D + 1)- instead of f-dimensional —
+the same scores, several times less data to gather and multiply.
+
+Gradients: the NCE's derivative w.r.t. the scores has a closed form (_nce_rows); once Z is fixed (after the first
+call) and ω is constant, _NCELoss forms both score factors' gradients in the forward pass, while the gathered entries
+are at hand. Only the small anchor embeddings (sample_rows of them) are in autograd's graph; the memory update runs
+on all samples without it.
 """
 from __future__ import annotations
 
