@@ -130,14 +130,15 @@ class _PKTStudent(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a, w, eps: float):
-        sim, rows = PKTDistill._similarity(x, w)
-        q = torch.add(sim, rows, alpha=eps)
+        # in place wherever a (G, N, N) tensor is not needed again: fresh allocations cost about a pass each
+        q, rows = PKTDistill._similarity(x, w)
+        q.add_(rows, alpha=eps)                                                           # sim + ε·r
         a_rows = a.sum(2, keepdim=True)
-        value = (a * q.log()).sum((1, 2)) - (a_rows * rows.log()).sum((1, 2))
         a_q = a / q
+        value = q.log_().mul_(a).sum((1, 2)) - (a_rows * rows.log()).sum((1, 2))
         rho = a_rows / rows - eps * a_q.sum(2, keepdim=True)                            # (G, N, 1)
         w_cols = torch.ones_like(rho).transpose(1, 2) if w is None else w.unsqueeze(1)
-        gamma = torch.baddbmm(a_q, rho, w_cols, alpha=-1)                                # a/q − ρ_i ω_j
+        gamma = a_q.baddbmm_(rho, w_cols, alpha=-1)                                      # a/q − ρ_i ω_j
         ctx.save_for_backward(torch.bmm(x, gamma + gamma.transpose(1, 2)).mul_(0.5))
         return value
 
@@ -186,14 +187,18 @@ class _SPStudent(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gram_t, w):
-        gram_s, g, row_norm = _sp_gram(x, w)
-        d = gram_t - gram_s
+        # _sp_gram written in place (one scratch tensor reused): fresh (G, N, N) allocations cost about a pass each
         wsum = (lambda m: m.sum(2, keepdim=True)) if w is None else (lambda m: torch.bmm(m, w.unsqueeze(2)))
-        rows = wsum(d * d)                                                               # (G, N, 1)
+        gram_s = torch.bmm(x.transpose(1, 2), x)
+        scratch = gram_s * gram_s
+        row_norm = wsum(scratch).sqrt_().clamp_min_(1e-12)
+        gram_s.div_(row_norm)
+        d = gram_t - gram_s
+        rows = wsum(torch.mul(d, d, out=scratch))                                        # (G, N, 1)
         value = (rows.squeeze(2) if w is None else rows.squeeze(2) * w).sum(1)
-        c = wsum(d * gram_s) * (row_norm > 1e-12).to(x.dtype)
+        c = wsum(torch.mul(d, gram_s, out=scratch)) * (row_norm > 1e-12).to(x.dtype)
         coef = -2.0 / row_norm if w is None else (-2.0 * w.unsqueeze(2)) / row_norm       # (G, N, 1)
-        gamma = torch.addcmul(d, gram_s, c, value=-1).mul_(coef)
+        gamma = d.addcmul_(gram_s, c, value=-1).mul_(coef)
         if w is not None:
             gamma.mul_(w.unsqueeze(1))
         ctx.save_for_backward(torch.bmm(x, gamma + gamma.transpose(1, 2)))
