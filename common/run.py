@@ -20,6 +20,7 @@ import random
 import shutil
 import sys
 import tempfile
+import zlib
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -29,6 +30,13 @@ import torch
 
 from common.config import DataError, UserError, save_yaml
 from common.ddp import unwrap
+
+
+def derived_seed(seed: int, *names) -> int:
+    """A seed for one named part of a run (e.g. a (loss, mask) configuration), stable across processes and Python
+    versions (crc32, not hash()) and independent of which other parts run, so a configuration's random draws — and
+    hence its numbers — do not depend on what ran before it."""
+    return (int(seed) * 1_000_003 + zlib.crc32("/".join(map(str, names)).encode())) % 2 ** 63
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

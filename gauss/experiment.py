@@ -14,6 +14,7 @@ from common import divergence as D
 from common.fastfit import fit_objective
 from common.kd import build_objective
 from common.metrics import spearman_summary
+from common.run import derived_seed
 from common.vectorized import BatchedLinear, accuracy
 from gauss import data
 
@@ -120,6 +121,7 @@ def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
     rows, per_run = [], {}
     for method in cfg["kd"]["losses"]:
         for mask in cfg["kd"]["masks"]:
+            torch.manual_seed(derived_seed(cfg["seed"], method, mask))   # its draws do not depend on the others
             objective = objective_for(cfg, method, mask, sweep, n_classes).to(device)
             student = train_linear(cfg, sweep, tr.x2, 1, f"{method}/{mask}", objective, teacher_train)
             with torch.no_grad():

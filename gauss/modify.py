@@ -21,6 +21,7 @@ import torch
 
 from common import saliency
 from common.fastfit import fit, fit_objective, joint_logit_grad
+from common.run import derived_seed
 from common.vectorized import BatchedLinear, accuracy, cross_entropy_sum
 from gauss import data, experiment
 
@@ -205,6 +206,7 @@ def run_table(cfg: dict, device: torch.device, log=print) -> dict:
     for method in cfg["kd"]["losses"]:
         for mask in cfg["kd"]["masks"]:
             key = f"{method}/{mask}"
+            torch.manual_seed(derived_seed(cfg["seed"], method, mask))   # its draws do not depend on the others
             objective = experiment.objective_for(cfg, method, mask, stage_a, n_classes).to(device)
             student = train_model(regular_in_s, "kd_student", S, f"{key} regular KD", objective, regular_teacher_out)
             objective = experiment.objective_for(cfg, method, mask, stage_b, n_classes).to(device)

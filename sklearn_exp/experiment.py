@@ -15,6 +15,7 @@ from common import divergence as D
 from common.fastfit import fit, fit_objective, joint_ncjsd_grad
 from common.kd import build_objective
 from common.metrics import spearman_summary
+from common.run import derived_seed
 from common.saliency import removal_indices, saliency_vector
 from common.vectorized import accuracy, cross_entropy_sum
 from sklearn_exp import data
@@ -230,6 +231,7 @@ def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
     for method in cfg["kd"]["losses"]:
         for mask in cfg["kd"]["masks"]:
             key = f"{method}/{mask}"
+            torch.manual_seed(derived_seed(cfg["seed"], method, mask))   # its draws do not depend on the others
             student = timed("kd", lambda: train_kd(cfg, sweep, method, mask, teacher_train, seeds, key))
             masked_student = timed("masked_kd", lambda: train_kd(cfg, sweep, method, mask, masked_teacher_train,
                                                                  seeds, f"{key} from masked teacher"))

@@ -245,3 +245,12 @@ def test_cli_subprocess_exit_code(tmp_path):
     p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert p.returncode == 2
     assert p.stderr == "error: missing.yaml: file not found\n"
+
+
+def test_derived_seed_is_stable_and_separates_names():
+    from common.run import derived_seed
+    assert derived_seed(0, "rkd", "none") == derived_seed(0, "rkd", "none")
+    assert len({derived_seed(s, m, k) for s in (0, 1) for m in ("kl", "rkd") for k in ("none", "omega")}) == 8
+    assert 0 <= derived_seed(2**40, "x") < 2**63
+    # crc32-based, not hash(): the same value in every process (PYTHONHASHSEED does not matter)
+    assert derived_seed(0, "kl", "none") == __import__("zlib").crc32(b"kl/none")

@@ -82,3 +82,14 @@ def test_default_config_is_the_reference_default():
     assert cfg["runs"] == 100 and cfg["kd"]["losses"] == ["kl"] and cfg["kd"]["masks"] == ["none"]
     assert cfg["kd"]["methods"]["kl"]["kl"]["temperature"] == 0.7 and cfg["train"]["lr"] == 0.1
     assert cfg["data"]["overlaps"] == [0, 2, 4, 6, 8, 10]
+
+
+def test_a_configuration_gives_the_same_numbers_whatever_runs_before_it():
+    """Each (loss, mask) reseeds torch from (seed, loss, mask): rkd's sampled pairs, and so its numbers, do not
+    depend on which configurations ran before it."""
+    base = {"runs": 2, "train.epochs": 15, "data.overlaps": [0, 10], "kd.masks": ["none"]}
+    alone = experiment.run_sweep(small_cfg(**base, **{"kd.losses": ["rkd"]}), torch.device("cpu"), log=lambda *_: None)
+    after = experiment.run_sweep(small_cfg(**base, **{"kd.losses": ["pkt", "rkd"]}), torch.device("cpu"),
+                                 log=lambda *_: None)
+    np.testing.assert_array_equal(alone["per_run"]["rkd/none"]["kd_acc"], after["per_run"]["rkd/none"]["kd_acc"])
+    np.testing.assert_array_equal(alone["per_run"]["rkd/none"]["ncjsd"], after["per_run"]["rkd/none"]["ncjsd"])
