@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from common import divergence as D
+from common import parallel
 from common.fastfit import fit_objective
 from common.kd import build_objective
 from common.metrics import spearman_summary
@@ -36,6 +37,7 @@ class Sweep:
     runs: int
     train: data.Split
     test: data.Split
+    first_run: int = 0     # index of this block's first run in the whole sweep (common.parallel)
 
     @property
     def groups(self) -> int:
@@ -46,9 +48,10 @@ class Sweep:
         return v.detach().cpu().reshape(len(self.settings), self.runs).numpy()
 
 
-def build_sweep(cfg: dict) -> Sweep:
+def build_sweep(cfg: dict, first_run: int = 0) -> Sweep:
+    """Runs first_run … first_run + cfg["runs"] − 1 of every setting."""
     d = cfg["data"]
-    seeds = [cfg["seed"] + r for r in range(cfg["runs"])]
+    seeds = [cfg["seed"] + first_run + r for r in range(cfg["runs"])]
     common = dict(n_train=d["n_train"], n_test=d["n_test"], x1_dim=d["x1_dim"], x2_dim=d["x2_dim"],
                   xs2_dim=d["xs2_dim"], a_dim=d["a_dim"], decision=d["decision"])
     if d["generator"] == "increase_gamma":
@@ -63,13 +66,13 @@ def build_sweep(cfg: dict) -> Sweep:
             settings.append({"alpha": alpha, "gamma": 1.0 - alpha, "exclusive_dim": xs1, "overlap_dim": d["xs2_dim"]})
     else:
         raise ValueError(f"data.generator {d['generator']!r} is not a sweep; expected one of {SWEEP_GENERATORS}")
-    return Sweep(settings, cfg["runs"], train, test)
+    return Sweep(settings, cfg["runs"], train, test, first_run)
 
 
 def init_seeds(cfg: dict, sweep: Sweep, role: int) -> list[int]:
     """Model-init seed per group: run r of every setting shares one seed per role (teacher 0, KD student 1,
     baseline 2), as the reference reseeds torch with the run's seed for every γ."""
-    return [3 * (cfg["seed"] + r) + role for _ in sweep.settings for r in range(sweep.runs)]
+    return [3 * (cfg["seed"] + sweep.first_run + r) + role for _ in sweep.settings for r in range(sweep.runs)]
 
 
 def train_linear(cfg, sweep: Sweep, x: torch.Tensor, role: int, desc: str, objective=None, teacher_out=None):
@@ -99,9 +102,27 @@ def objective_for(cfg: dict, method: str, mask: str, sweep: Sweep, n_classes: in
 
 
 def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
-    """Train everything and return {"rows": [...], "per_run": {...}, "correlations": {...}, "seconds": float}."""
+    """Train everything — in this process, or with the runs cut into blocks over `workers` CPU processes
+    (common.parallel) — and return {"rows", "per_run", "correlations", "settings", "seconds"}."""
     started = time.perf_counter()
-    sweep = build_sweep(cfg)
+    workers = min(cfg["workers"], cfg["runs"])
+    if workers > 1:
+        if device.type != "cpu":
+            raise ValueError(f"workers > 1 runs on CPU processes; device is {device} (use workers: 1)")
+        log(f"{cfg['runs']} runs over {workers} worker processes, {cfg['threads'] or 1} torch thread(s) each")
+        block = parallel.concat_runs(parallel.run_blocks(sweep_block, cfg, workers, threads=cfg["threads"] or 1,
+                                                         log=log))
+    else:
+        block = sweep_block(cfg, 0, device, log)
+    return {**summarize(block, log), "seconds": time.perf_counter() - started, "workers": workers}
+
+
+def sweep_block(cfg: dict, first_run: int = 0, device: torch.device | str = "cpu", log=None) -> dict:
+    """Train and evaluate runs first_run … first_run + cfg["runs"] − 1 of every setting; every per-run result an
+    (S, R) numpy array, so blocks concatenate along axis 1 (common.parallel.concat_runs)."""
+    log = log or (lambda *_: None)
+    device = torch.device(device)
+    sweep = build_sweep(cfg, first_run)
     sweep.train, sweep.test = sweep.train.to(device), sweep.test.to(device)
     tr, te = sweep.train, sweep.test
     n_classes = int(tr.y.max()) + 1
@@ -118,32 +139,45 @@ def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
         no_kd_acc = sweep.per_setting(accuracy(baseline(te.x2), te.y))
         cmd_input = input_cmd(tr, moments, sweep)
 
-    rows, per_run = [], {}
+    per_run = {}
     for method in cfg["kd"]["losses"]:
         for mask in cfg["kd"]["masks"]:
-            torch.manual_seed(derived_seed(cfg["seed"], method, mask))   # its draws do not depend on the others
+            # each configuration (and each block of runs) draws from its own stream, whatever ran before it
+            torch.manual_seed(derived_seed(cfg["seed"], method, mask, first_run))
             objective = objective_for(cfg, method, mask, sweep, n_classes).to(device)
             student = train_linear(cfg, sweep, tr.x2, 1, f"{method}/{mask}", objective, teacher_train)
             with torch.no_grad():
-                kd_acc = sweep.per_setting(accuracy(student(te.x2), te.y))
-                ncjsd = sweep.per_setting(nontarget_divergence(student(te.x2), teacher(te.x1), te.y, variant))
-                cmd_output = sweep.per_setting(D.cmd(student(tr.x2).softmax(1).transpose(1, 2),
-                                                     teacher_train.softmax(1).transpose(1, 2), moments))
-            delta = (kd_acc - no_kd_acc) * 100
-            per_run[f"{method}/{mask}"] = {"delta": delta, "ncjsd": ncjsd, "kd_acc": kd_acc}
-            for s, setting in enumerate(sweep.settings):
-                rows.append({"loss": method, "mask": mask, **setting, "runs": sweep.runs,
-                             "teacher_acc": teacher_acc[s].mean(), "no_kd_acc": no_kd_acc[s].mean(),
-                             "kd_acc": kd_acc[s].mean(), "delta_mean": delta[s].mean(), "delta_std": delta[s].std(),
-                             "ncjsd": ncjsd[s].mean(), "cmd_input": cmd_input[s].mean(),
-                             "cmd_output": cmd_output[s].mean()})
-            log(format_table([r for r in rows if r["loss"] == method and r["mask"] == mask], method, mask))
+                per_run[f"{method}/{mask}"] = {
+                    "kd_acc": sweep.per_setting(accuracy(student(te.x2), te.y)),
+                    "ncjsd": sweep.per_setting(nontarget_divergence(student(te.x2), teacher(te.x1), te.y, variant)),
+                    "cmd_output": sweep.per_setting(D.cmd(student(tr.x2).softmax(1).transpose(1, 2),
+                                                          teacher_train.softmax(1).transpose(1, 2), moments))}
+            log(f"{method}/{mask}: KD students trained")
+    return {"settings": sweep.settings, "teacher_acc": teacher_acc, "no_kd_acc": no_kd_acc, "cmd_input": cmd_input,
+            "per_run": per_run}
+
+
+def summarize(block: dict, log=print) -> dict:
+    """Rows (one per loss, mask, setting: means over runs), Deltas and the NTDH rank correlations of the per-run
+    results of `sweep_block` (one block, or the concatenation of all)."""
+    settings, teacher_acc, no_kd_acc = block["settings"], block["teacher_acc"], block["no_kd_acc"]
+    rows, per_run = [], {}
+    for key, res in block["per_run"].items():
+        method, mask = key.split("/")
+        delta = (res["kd_acc"] - no_kd_acc) * 100
+        per_run[key] = {"delta": delta, "ncjsd": res["ncjsd"], "kd_acc": res["kd_acc"]}
+        for s, setting in enumerate(settings):
+            rows.append({"loss": method, "mask": mask, **setting, "runs": teacher_acc.shape[1],
+                         "teacher_acc": teacher_acc[s].mean(), "no_kd_acc": no_kd_acc[s].mean(),
+                         "kd_acc": res["kd_acc"][s].mean(), "delta_mean": delta[s].mean(),
+                         "delta_std": delta[s].std(), "ncjsd": res["ncjsd"][s].mean(),
+                         "cmd_input": block["cmd_input"][s].mean(), "cmd_output": res["cmd_output"][s].mean()})
+        log(format_table([r for r in rows if r["loss"] == method and r["mask"] == mask], method, mask))
     correlations = {key: spearman_summary(v["ncjsd"], v["delta"]) for key, v in per_run.items()}
     for key, c in correlations.items():
         log(f"NTDH check {key}: Spearman ρ(non-target JS, Delta) = {c['rho']:+.3f} over {c['n']} runs "
             f"(p = {c['p']:.2g}); over the γ means ρ = {c['rho_means']:+.3f}")
-    return {"rows": rows, "per_run": per_run, "correlations": correlations, "settings": sweep.settings,
-            "seconds": time.perf_counter() - started}
+    return {"rows": rows, "per_run": per_run, "correlations": correlations, "settings": settings}
 
 
 def input_cmd(split: data.Split, moments: int, sweep: Sweep) -> np.ndarray:

@@ -22,7 +22,7 @@ from gauss import data, experiment, modify, report  # noqa: E402
 
 PRESETS = HERE / "configs"
 GENERATORS = (*experiment.SWEEP_GENERATORS, "modify_gamma")
-FLAGS = {"runs": "runs", "losses": "kd.losses", "masks": "kd.masks", "parity": "parity"}
+FLAGS = {"runs": "runs", "losses": "kd.losses", "masks": "kd.masks", "parity": "parity", "workers": "workers"}
 
 
 def presets() -> list[str]:
@@ -36,6 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=int, help="independent runs (seeds) per γ")
     p.add_argument("--losses", help="comma-separated KD methods from kd.methods, or 'all'")
     p.add_argument("--masks", help="comma-separated masks: none, omega")
+    p.add_argument("--workers", type=int, help="processes the runs are split over (CPU), one torch thread each")
     p.add_argument("--parity", action="store_const", const=True,
                    help="reproduce the reference's number-changing behaviours (reversed JS, ω not detached; "
                         "mfh_modify_gamma: regular KD with swapped inputs, random columns with replacement)")
@@ -81,6 +82,9 @@ def check(cfg: dict) -> None:
         need(d[key] >= 1, f"data.{key} must be ≥ 1, got {d[key]}")
     need(cfg["train"]["epochs"] >= 1 and cfg["train"]["lr"] > 0, "train.epochs must be ≥ 1 and train.lr > 0")
     need(cfg["threads"] >= 0, f"threads must be ≥ 0 (0 = torch's default), got {cfg['threads']}")
+    need(cfg["workers"] >= 1, f"workers must be ≥ 1 (processes the runs are split over), got {cfg['workers']}")
+    need(cfg["workers"] == 1 or cfg["data"]["generator"] != "modify_gamma",
+         "workers: the modify_gamma table runs in one process (a few seconds); use workers: 1")
     settings = {"increase_gamma": "overlaps", "increase_alpha": "exclusive_dims", "modify_gamma": "xs2_dims"}
     key = settings[d["generator"]]
     need(bool(d[key]) and all(isinstance(v, int) and not isinstance(v, bool) for v in d[key]),

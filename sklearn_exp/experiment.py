@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from common import divergence as D
+from common import parallel
 from common.fastfit import fit, fit_objective, joint_ncjsd_grad
 from common.kd import build_objective
 from common.metrics import spearman_summary
@@ -36,6 +37,7 @@ class Sweep:
     train: data.Split
     test: data.Split
     layout: data.Layout
+    first_run: int = 0                                # index of this block's first run in the whole sweep
     timings: dict = field(default_factory=dict)       # wall-clock seconds per stage
     cpu_timings: dict = field(default_factory=dict)   # CPU seconds (time.process_time) per stage
 
@@ -57,28 +59,29 @@ class Sweep:
         return v.reshape(len(self.settings), self.runs).numpy()
 
 
-def data_seeds(cfg: dict) -> list[int]:
+def data_seeds(cfg: dict, first_run: int = 0) -> list[int]:
     d = cfg["data"]
     if cfg["parity"] or d["same_data_every_run"]:
         return [d["seed"]] * cfg["runs"]
-    return [d["seed"] + r for r in range(cfg["runs"])]
+    return [d["seed"] + first_run + r for r in range(cfg["runs"])]
 
 
-def build_sweep(cfg: dict) -> Sweep:
+def build_sweep(cfg: dict, first_run: int = 0) -> Sweep:
+    """Runs first_run … first_run + cfg["runs"] − 1 (a block of a sweep split over worker processes)."""
     d = cfg["data"]
     layout = data.Layout(x_dim=d["x_dim"], fixed_dim=d["fixed_dim"])
-    train, test = data.build(data_seeds(cfg), d["overlaps"], layout, n_samples=d["n_samples"],
+    train, test = data.build(data_seeds(cfg, first_run), d["overlaps"], layout, n_samples=d["n_samples"],
                              n_features=d["n_features"], n_classes=d["n_classes"],
                              n_clusters_per_class=d["n_clusters_per_class"], test_size=d["test_size"],
                              scaler_fit="all" if cfg["parity"] else d["scaler_fit"])
     settings = [{"gamma": data.gamma_of(ov, d["fixed_dim"]), "overlap_dim": ov} for ov in d["overlaps"]]
-    return Sweep(settings, cfg["runs"], train, test, layout)
+    return Sweep(settings, cfg["runs"], train, test, layout, first_run)
 
 
 def init_seeds(cfg: dict, sweep: Sweep, offset: int = 0, groups: int | None = None) -> list[int]:
     """Model-init seed per group: run r uses seed + r for every role and γ (the reference builds teacher, students
     and masked teacher all from the run's seed_j)."""
-    per_run = [cfg["seed"] + offset + r for r in range(sweep.runs)]
+    per_run = [cfg["seed"] + offset + sweep.first_run + r for r in range(sweep.runs)]
     n = (groups or sweep.groups) // sweep.runs
     return per_run * n
 
@@ -195,8 +198,33 @@ def gather_columns(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 
 
 def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
+    """The whole sweep: in this process, or cut into blocks of runs over `workers` processes (common.parallel, CPU);
+    then the tables, correlations and timings of all runs."""
     started, cpu_started = time.perf_counter(), time.process_time()
-    sweep = build_sweep(cfg)
+    workers = min(cfg["workers"], cfg["runs"])
+    if workers > 1:
+        if device.type != "cpu":
+            raise ValueError(f"workers > 1 runs on CPU processes; device is {device} (use workers: 1)")
+        log(f"{cfg['runs']} runs over {workers} worker processes, {cfg['threads'] or 1} torch thread(s) each")
+        parts = parallel.run_blocks(sweep_block, cfg, workers, threads=cfg["threads"] or 1, log=log)
+        block = parallel.concat_runs([{k: v for k, v in p.items() if "timings" not in k} for p in parts])
+        for key in ("timings", "cpu_timings"):   # stage seconds summed over the workers
+            block[key] = {k: sum(p[key][k] for p in parts) for k in parts[0][key]}
+    else:
+        block = sweep_block(cfg, 0, device, log)
+    cpu = time.process_time() - cpu_started
+    if workers > 1:   # the workers' CPU time is not this process's
+        cpu += sum(block["cpu_timings"].values())
+    return summarize(cfg, block, time.perf_counter() - started, cpu, log)
+
+
+def sweep_block(cfg: dict, first_run: int = 0, device: torch.device | str = "cpu", log=None) -> dict:
+    """Train and evaluate runs first_run … first_run + cfg["runs"] − 1; every result as a numpy array with the runs
+    on axis 1 ((S, R) or (S, R, D)), so blocks concatenate (common.parallel.concat_runs)."""
+    log = log or (lambda *_: None)
+    device = torch.device(device)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    sweep = build_sweep(cfg, first_run)
     sweep.timings["data"], sweep.cpu_timings["data"] = time.perf_counter() - started, time.process_time() - cpu_started
     sweep.train, sweep.test = sweep.train.to(device), sweep.test.to(device)
     tr, te = sweep.train, sweep.test
@@ -227,56 +255,74 @@ def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
         masked_teacher_train = masked_teacher(x1_masked_train)
         masked_teacher_acc = sweep.per_setting(accuracy(masked_teacher(x1_masked_test), te.y))
 
-    rows, per_run = [], {}
+    per_run = {}
     for method in cfg["kd"]["losses"]:
         for mask in cfg["kd"]["masks"]:
             key = f"{method}/{mask}"
-            torch.manual_seed(derived_seed(cfg["seed"], method, mask))   # its draws do not depend on the others
+            # each configuration (and each block of runs) draws from its own stream, whatever ran before it
+            torch.manual_seed(derived_seed(cfg["seed"], method, mask, first_run))
             student = timed("kd", lambda: train_kd(cfg, sweep, method, mask, teacher_train, seeds, key))
             masked_student = timed("masked_kd", lambda: train_kd(cfg, sweep, method, mask, masked_teacher_train,
                                                                  seeds, f"{key} from masked teacher"))
             with torch.no_grad():
-                kd_acc = sweep.per_setting(accuracy(student(te.x2), te.y))
-                ncjsd = sweep.per_setting(nontarget_divergence(student(split.x2), teacher_split, split.y, variant))
-                masked_student_acc = sweep.per_setting(accuracy(masked_student(te.x2), te.y))
-            delta = (kd_acc - no_kd_acc) * 100
-            per_run[key] = {"delta": delta, "ncjsd": ncjsd, "kd_acc": kd_acc, "masked_student_acc": masked_student_acc,
-                            "delta_masked": (masked_student_acc - no_kd_acc) * 100}
-            for s, setting in enumerate(sweep.settings):
-                rows.append({"loss": method, "mask": mask, "gamma": setting["gamma"],
-                             "overlap_dim": setting["overlap_dim"], "runs": R,
-                             "teacher_acc": teacher_acc[s].mean(), "no_kd_acc": no_kd_acc[s].mean(),
-                             "kd_acc": kd_acc[s].mean(), "delta_mean": delta[s].mean(), "delta_std": delta[s].std(),
-                             "ncjsd": ncjsd[s].mean(), "cmd_input": cmd_input[s].mean(),
-                             "masked_teacher_acc": masked_teacher_acc[s].mean(),
-                             "masked_student_acc": masked_student_acc[s].mean(),
-                             "saliency_hits_x1": alg["hits_x1"][s].mean(),
-                             "saliency_hits_x2": alg["hits_x2"][s].mean()})
-            log(format_table([r for r in rows if r["loss"] == method and r["mask"] == mask], method, mask,
-                             cfg["alg1"]["mask_dim"]))
+                per_run[key] = {
+                    "kd_acc": sweep.per_setting(accuracy(student(te.x2), te.y)),
+                    "ncjsd": sweep.per_setting(nontarget_divergence(student(split.x2), teacher_split, split.y,
+                                                                    variant)),
+                    "masked_student_acc": sweep.per_setting(accuracy(masked_student(te.x2), te.y))}
+            log(f"{key}: KD students trained")
+    as_runs = lambda t: t.cpu().numpy().reshape(S, R, -1)
+    saliency = {"x1": as_runs(alg["saliency_x1"]), "x2": as_runs(alg["saliency_x2"]),
+                "kept_x1": as_runs(alg["kept_x1"]), "kept_x2": as_runs(alg["kept_x2"]),
+                "x1_decisive": [sweep.layout.x1_decisive(s["overlap_dim"]) for s in sweep.settings],
+                "x2_decisive": [sweep.layout.x2_decisive(s["overlap_dim"]) for s in sweep.settings],
+                "shared": [sweep.layout.shared(s["overlap_dim"]) for s in sweep.settings],
+                **{k: alg[k] for k in ("hits_x1", "hits_x2", "general_hits_x1", "general_hits_x2",
+                                       "joint_teacher_acc", "joint_student_acc")}}
+    return {"settings": sweep.settings, "teacher_acc": teacher_acc, "no_kd_acc": no_kd_acc, "cmd_input": cmd_input,
+            "masked_teacher_acc": masked_teacher_acc, "per_run": per_run, "saliency": saliency,
+            "timings": dict(sweep.timings), "cpu_timings": dict(sweep.cpu_timings)}
+
+
+def summarize(cfg: dict, block: dict, seconds: float, cpu_seconds: float, log=print) -> dict:
+    """Rows (one per loss, mask, γ: means over runs), Deltas, the NTDH rank correlations and the stage timings of the
+    per-run results of `sweep_block` (one block, or the concatenation of all)."""
+    settings, sal = block["settings"], block["saliency"]
+    teacher_acc, no_kd_acc = block["teacher_acc"], block["no_kd_acc"]
+    R = teacher_acc.shape[1]
+    rows, per_run = [], {}
+    for key, res in block["per_run"].items():
+        method, mask = key.split("/")
+        delta = (res["kd_acc"] - no_kd_acc) * 100
+        per_run[key] = {**res, "delta": delta, "delta_masked": (res["masked_student_acc"] - no_kd_acc) * 100}
+        for s, setting in enumerate(settings):
+            rows.append({"loss": method, "mask": mask, "gamma": setting["gamma"],
+                         "overlap_dim": setting["overlap_dim"], "runs": R,
+                         "teacher_acc": teacher_acc[s].mean(), "no_kd_acc": no_kd_acc[s].mean(),
+                         "kd_acc": res["kd_acc"][s].mean(), "delta_mean": delta[s].mean(),
+                         "delta_std": delta[s].std(), "ncjsd": res["ncjsd"][s].mean(),
+                         "cmd_input": block["cmd_input"][s].mean(),
+                         "masked_teacher_acc": block["masked_teacher_acc"][s].mean(),
+                         "masked_student_acc": res["masked_student_acc"][s].mean(),
+                         "saliency_hits_x1": sal["hits_x1"][s].mean(), "saliency_hits_x2": sal["hits_x2"][s].mean()})
+        log(format_table([r for r in rows if r["loss"] == method and r["mask"] == mask], method, mask,
+                         cfg["alg1"]["mask_dim"]))
     correlations = {key: spearman_summary(v["ncjsd"], v["delta"]) for key, v in per_run.items()}
     for key, c in correlations.items():
         log(f"NTDH check {key}: Spearman ρ(non-target JS, Delta) = {c['rho']:+.3f} over {c['n']} runs "
             f"(p = {c['p']:.2g}); over the γ means ρ = {c['rho_means']:+.3f}")
-    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    log("time per stage (s, wall / CPU): " + ", ".join(f"{k} {v:.1f} / {sweep.cpu_timings[k]:.1f}"
-                                                        for k, v in sweep.timings.items())
-        + f"; total {seconds:.1f} s wall, {cpu_seconds:.1f} s CPU ({torch.get_num_threads()} thread(s))")
-    saliency = {"x1": alg["saliency_x1"].cpu().numpy().reshape(S, R, -1),
-                "x2": alg["saliency_x2"].cpu().numpy().reshape(S, R, -1),
-                "kept_x1": alg["kept_x1"].cpu().numpy().reshape(S, R, -1),
-                "kept_x2": alg["kept_x2"].cpu().numpy().reshape(S, R, -1),
-                "x1_decisive": [sweep.layout.x1_decisive(s["overlap_dim"]) for s in sweep.settings],
-                "x2_decisive": [sweep.layout.x2_decisive(s["overlap_dim"]) for s in sweep.settings],
-                "shared": [sweep.layout.shared(s["overlap_dim"]) for s in sweep.settings],
-                "general_hits_x1": alg["general_hits_x1"], "general_hits_x2": alg["general_hits_x2"],
-                "joint_teacher_acc": alg["joint_teacher_acc"], "joint_student_acc": alg["joint_student_acc"]}
-    return {"rows": rows, "per_run": per_run, "correlations": correlations, "settings": sweep.settings,
-            "saliency": saliency, "mode": cfg["alg1"]["mode"], "mask_dim": cfg["alg1"]["mask_dim"],
-            "teacher_acc": teacher_acc, "no_kd_acc": no_kd_acc, "masked_teacher_acc": masked_teacher_acc,
-            "timings": dict(sweep.timings), "cpu_timings": dict(sweep.cpu_timings), "seconds": seconds,
-            "cpu_seconds": cpu_seconds,
-            "threads": torch.get_num_threads()}
+    timings, cpu_timings = block["timings"], block["cpu_timings"]
+    threads = cfg["threads"] or torch.get_num_threads()
+    workers = min(cfg["workers"], cfg["runs"])
+    log("time per stage (s, wall / CPU" + (", summed over the workers" if workers > 1 else "") + "): "
+        + ", ".join(f"{k} {v:.1f} / {cpu_timings[k]:.1f}" for k, v in timings.items())
+        + f"; total {seconds:.1f} s wall, {cpu_seconds:.1f} s CPU ({workers} process(es), "
+        f"{threads} thread(s) each)")
+    return {"rows": rows, "per_run": per_run, "correlations": correlations, "settings": settings,
+            "saliency": sal, "mode": cfg["alg1"]["mode"], "mask_dim": cfg["alg1"]["mask_dim"],
+            "teacher_acc": teacher_acc, "no_kd_acc": no_kd_acc, "masked_teacher_acc": block["masked_teacher_acc"],
+            "timings": timings, "cpu_timings": cpu_timings, "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "threads": threads, "workers": workers}
 
 
 def format_table(rows: list[dict], method: str, mask: str, mask_dim: int) -> str:

@@ -28,6 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--masks", help="comma-separated masks: none, omega")
     p.add_argument("--mode", help="Algorithm-1 selection: alg1, random or reverse")
     p.add_argument("--mask-dim", type=int, dest="mask_dim", help="teacher (x1) columns kept by Algorithm 1")
+    p.add_argument("--workers", type=int, help="processes the runs are split over (CPU), one torch thread each")
     p.add_argument("--parity", action="store_const", const=True,
                    help="reproduce the reference's number-changing behaviours (scaler leak, same data every run, "
                         "identical Alg.1 init, reversed JS, ω not detached)")
@@ -42,7 +43,7 @@ def resolve_config(args) -> dict:
     if args.masks is not None:
         args.masks = [s.strip() for s in args.masks.split(",") if s.strip()]
     cfg = C.resolve(defaults, args, {"runs": "runs", "losses": "kd.losses", "masks": "kd.masks", "mode": "alg1.mode",
-                                     "mask_dim": "alg1.mask_dim", "parity": "parity"})
+                                     "mask_dim": "alg1.mask_dim", "parity": "parity", "workers": "workers"})
     validate(cfg)
     return cfg
 
@@ -78,6 +79,8 @@ def validate(cfg: dict) -> None:
         raise C.ConfigError(f"analysis.js_variant: expected textbook or reference, got {cfg['analysis']['js_variant']!r}")
     if cfg["threads"] < 0:
         raise C.ConfigError(f"threads must be ≥ 0 (0 = torch's default), got {cfg['threads']}")
+    if cfg["workers"] < 1:
+        raise C.ConfigError(f"workers must be ≥ 1 (processes the runs are split over), got {cfg['workers']}")
     for key in ("train.epochs", "alg1.epochs", "alg1.repeats", "alg1.chunk_channels", "alg1.group_chunk",
                 "train.chunk_runs", "model.hidden"):
         if C.get(cfg, key) < 1:

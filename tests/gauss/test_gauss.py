@@ -93,3 +93,17 @@ def test_a_configuration_gives_the_same_numbers_whatever_runs_before_it():
                                  log=lambda *_: None)
     np.testing.assert_array_equal(alone["per_run"]["rkd/none"]["kd_acc"], after["per_run"]["rkd/none"]["kd_acc"])
     np.testing.assert_array_equal(alone["per_run"]["rkd/none"]["ncjsd"], after["per_run"]["rkd/none"]["ncjsd"])
+
+
+def test_runs_split_over_worker_processes_give_the_same_numbers():
+    """workers: 2 computes runs {0, 1} and {2} in two processes; the deterministic methods' numbers equal the
+    one-process sweep's (data and inits depend on the run index only)."""
+    base = {"runs": 3, "train.epochs": 20, "data.overlaps": [0, 10], "kd.losses": ["kl", "dkd"],
+            "kd.masks": ["none", "omega"]}
+    one = experiment.run_sweep(small_cfg(**base), torch.device("cpu"), log=lambda *_: None)
+    two = experiment.run_sweep(small_cfg(**base, workers=2), torch.device("cpu"), log=lambda *_: None)
+    assert two["workers"] == 2 and len(one["rows"]) == len(two["rows"]) == 2 * 2 * 2
+    for a, b in zip(one["rows"], two["rows"]):
+        assert a["loss"] == b["loss"] and a["mask"] == b["mask"] and a["runs"] == b["runs"] == 3
+        for col in ("teacher_acc", "no_kd_acc", "kd_acc", "delta_mean", "ncjsd", "cmd_input", "cmd_output"):
+            assert abs(a[col] - b[col]) < 1e-5, (a["loss"], a["mask"], col)

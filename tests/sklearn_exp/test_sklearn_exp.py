@@ -164,3 +164,22 @@ def test_default_config_is_the_reference_default_and_parity_restores_the_referen
     fixed = cfg_with(["--runs", "3"])
     parity = cfg_with(["--runs", "3", "--parity"])
     assert experiment.data_seeds(fixed) == [42, 43, 44] and experiment.data_seeds(parity) == [42, 42, 42]
+
+
+def test_runs_split_over_worker_processes_give_the_same_numbers():
+    """workers: 2 computes runs {0} and {1, 2} in two processes; every per-run number equals the one-process sweep
+    (data, inits and Alg. 1's permutations depend on the run index only)."""
+    over = {"runs": 3, "data.n_samples": 400, "data.overlaps": [20, 0], "train.epochs": 15, "alg1.epochs": 15,
+            "alg1.repeats": 2}
+    one = experiment.run_sweep(cfg_with(**over), torch.device("cpu"), log=lambda *_: None)
+    two = experiment.run_sweep(cfg_with(**over, workers=2), torch.device("cpu"), log=lambda *_: None)
+    assert two["workers"] == 2 and one["workers"] == 1
+    for key in ("teacher_acc", "no_kd_acc", "masked_teacher_acc"):
+        np.testing.assert_allclose(one[key], two[key], atol=1e-6)
+    for name in ("kd_acc", "ncjsd", "delta"):
+        np.testing.assert_allclose(one["per_run"]["kl/none"][name], two["per_run"]["kl/none"][name], atol=1e-5)
+    np.testing.assert_allclose(one["saliency"]["x1"], two["saliency"]["x1"], atol=1e-5)
+    np.testing.assert_array_equal(one["saliency"]["kept_x1"], two["saliency"]["kept_x1"])
+    assert [r["runs"] for r in two["rows"]] == [3, 3]
+    with pytest.raises(ConfigError, match="workers"):
+        cfg_with(["--workers", "0"])
