@@ -2,12 +2,17 @@
 
 Each experiment folder that has a `report.py` with `reproduce(results_dir, device) -> markdown` takes part; they run
 in the order below (the synthetic suites first), then any other folder alphabetically.
-    python reproduce.py [--only gauss,mnist] [--results results] [--device auto]
+    python reproduce.py [--only gauss,mnist] [--results results] [--device auto] [--workers N]
+
+`--workers` (default: every CPU core) goes to the experiments whose `reproduce` takes it (the synthetic sweeps,
+whose runs it splits over processes on CPU).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
+import os
 import sys
 import time
 import traceback
@@ -29,6 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", help="comma-separated experiment folders (default: all)")
     p.add_argument("--results", default=str(ROOT / "results"))
     p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes for the synthetic sweeps' runs (CPU; default: every core)")
     args = p.parse_args(argv)
     names = experiments() if not args.only else [s.strip() for s in args.only.split(",")]
     unknown = [n for n in names if n not in experiments()]
@@ -42,7 +49,9 @@ def main(argv=None) -> int:
         print(f"\n=== {name} ===", flush=True)
         started = time.perf_counter()
         try:
-            sections.append(importlib.import_module(f"{name}.report").reproduce(results, args.device))
+            entry = importlib.import_module(f"{name}.report").reproduce
+            extra = {"workers": args.workers} if "workers" in inspect.signature(entry).parameters else {}
+            sections.append(entry(results, args.device, **extra))
         except Exception:  # one broken experiment must not hide the others' results
             traceback.print_exc()
             failed.append(name)

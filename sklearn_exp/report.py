@@ -149,10 +149,13 @@ def section(results: dict, run_dir: Path, rel_to: Path) -> str:
     return "\n".join(lines)
 
 
-def reproduce(results_dir: Path, device: str = "auto") -> str:
-    """The `make reproduce` entry: the default sweep into results/sklearn_exp, returning the report section."""
+def reproduce(results_dir: Path, device: str = "auto", workers: int = 1) -> str:
+    """The `make reproduce` entry: the default sweep into results/sklearn_exp, returning the report section; its
+    runs split over `workers` processes when it runs on CPU (the same numbers)."""
+    from common.config import resolve_device
     from sklearn_exp import main as sk_main
-    args = sk_main.parse_args(["--set", "progress=false"])
+    workers = max(1, workers) if resolve_device(device).type == "cpu" else 1
+    args = sk_main.parse_args(["--set", "progress=false", "--workers", str(workers)])
     cfg = sk_main.resolve_config(args)
     run_dir, results = sk_main.run(cfg, Path(results_dir) / "sklearn_exp", device)
     return section(results, run_dir.path, Path(results_dir))
