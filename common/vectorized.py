@@ -3,12 +3,13 @@
 R independent models are held as stacked parameters with a leading runs axis and evaluated with batched matmuls
 (``torch.baddbmm``). Tensors are laid out feature-major, (R, features, N) — PyTorch's (N, C, L) convention with the
 runs as batch and the samples as length — because on CPU tiny feature axes laid out last make matmul, softmax and
-reductions several times slower; the KD losses take (R, C, N) with ``runs=R`` for the same reason. Plain SGD / momentum / Adam act elementwise, so one optimiser over the stacked tensors is exactly
-R independent optimisers. Losses are summed over runs (never averaged), so run r's parameters receive exactly the
+reductions several times slower; the KD losses take (R, C, N) with ``runs=R`` for the same reason. Plain SGD /
+momentum / Adam act elementwise, so one optimiser over the stacked tensors is exactly R independent optimisers. Losses are summed over runs (never averaged), so run r's parameters receive exactly the
 gradient of run r's own loss: the vectorised result equals R separate trainings, up to float rounding.
 
 Each run is initialised from its own seed, so run r gets the same initial weights whether it is trained alone or in
-a batch of 600.
+a batch of 600. `fit` here is the plain autograd trainer for any module; the synthetic experiments train with
+`common.fastfit` (the same updates, written out for BatchedLinear stacks).
 """
 from __future__ import annotations
 
@@ -101,11 +102,11 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: 
     Without ``objective`` the loss is the cross-entropy (summed over runs). With an ``objective``
     (``common.kd.Objective`` built with runs=R) the loss is its weighted sum of terms against ``teacher_out``, and
     the objective's own parameters (FitNet regressors, CRD embeddings) are optimised with the model's.
+
+    Plain autograd + torch.optim.SGD for any module: the reference the fast trainer of BatchedLinear stacks,
+    `common.fastfit` (hand-written backward, closed-form logit gradients), is tested against.
     """
     epochs_bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
-    if objective is None and isinstance(model, BatchedLinear) and model.runs is not None:
-        _fit_linear_ce(model, x, y, epochs_bar, lr, momentum)
-        return model.eval()
     params = list(model.parameters()) + (list(objective.parameters()) if objective is not None else [])
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
     model.train()
@@ -119,24 +120,3 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: 
         loss.backward()
         opt.step()
     return model.eval()
-
-
-@torch.no_grad()
-def _fit_linear_ce(model: BatchedLinear, x, y, epochs, lr: float, momentum: float):
-    """Softmax regression by SGD with the closed-form gradient ∂CE/∂z = (softmax(z) − onehot(y)) / N: the same
-    updates as autograd + torch.optim.SGD (momentum included), about twice as fast for these tiny problems."""
-    w, b = model.weight, model.bias
-    n = x.shape[2]
-    x_t = x.transpose(1, 2).contiguous()                                           # (R, N, D) for ∂W
-    target = F.one_hot(y, w.shape[1]).transpose(1, 2).to(x.dtype)                  # (R, C, N)
-    params = [w] + ([b] if b is not None else [])
-    buffers: list[torch.Tensor | None] = [None] * len(params)
-    for _ in epochs:
-        z = torch.bmm(w, x) if b is None else torch.baddbmm(b, w, x)
-        g = (z.softmax(1) - target) / n
-        grads = [torch.bmm(g, x_t)] + ([g.sum(2, keepdim=True)] if b is not None else [])
-        for i, (p, grad) in enumerate(zip(params, grads)):
-            if momentum:
-                buffers[i] = grad if buffers[i] is None else buffers[i].mul_(momentum).add_(grad)
-                grad = buffers[i]
-            p.sub_(lr * grad)

@@ -157,3 +157,18 @@ def test_rank1_saliency_on_a_trained_mlp_equals_the_copy_path(variant):
         assert fast.shape == ref.shape == (R, 50)
         assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-4 if normalize else 1e-8)
     assert not t.training and not s.training
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_lone_linear_layer_ce_path_equals_autograd_in_float64(momentum):
+    """The softmax-regression case (gauss's teachers and baselines): a lone BatchedLinear trained by fastfit's
+    closed-form CE gradient == autograd + torch.optim.SGD, to float64 rounding."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 30, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (2, 30), generator=g)
+    a = BatchedLinear(4, 3, runs=2, seeds=[5, 6], dtype=torch.float64)
+    b = copy.deepcopy(a)
+    fastfit.fit([a], [x], labels=y, epochs=15, lr=0.3, momentum=momentum)
+    autograd_fit(b, x, y, epochs=15, lr=0.3, momentum=momentum)
+    torch.testing.assert_close(a.weight, b.weight, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(a.bias, b.bias, rtol=1e-10, atol=1e-12)

@@ -1,7 +1,6 @@
 """common.vectorized: R stacked models == R separate models (forward, seeded init, full-batch SGD training)."""
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
@@ -183,18 +182,6 @@ def test_fit_stacked_logistic_regressions_equal_separate_trainings(momentum):
     # training helped
     assert (accuracy(model(x), y) > accuracy(BatchedLinear(4, 3, runs=R, seeds=[1, 2, 3], dtype=DT)(x), y)).all() \
         or (accuracy(model(x), y) == 1).all()
-
-
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_fit_fast_linear_path_equals_autograd_path(momentum):
-    """The closed-form softmax-regression path == generic autograd + torch.optim.SGD (model wrapped in Sequential)."""
-    x, y = _problem(R=2, seed=4)
-    a = BatchedLinear(4, 3, runs=2, seeds=[5, 6], dtype=DT)
-    b = nn.Sequential(copy.deepcopy(a))
-    fit(a, x, y, epochs=15, lr=0.3, momentum=momentum)
-    fit(b, x, y, epochs=15, lr=0.3, momentum=momentum)
-    torch.testing.assert_close(a.weight, b[0].weight, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(a.bias, b[0].bias, rtol=1e-10, atol=1e-12)
 
 
 def test_fit_mlp_runs_equal_separate_runs():
