@@ -14,7 +14,7 @@ import torch
 from common import divergence as D
 from common import parallel
 from common.fastfit import fit, fit_objective, joint_ncjsd_grad
-from common.kd import build_objective
+from common.kd import method_objective
 from common.metrics import spearman_summary
 from common.run import derived_seed
 from common.saliency import removal_indices, saliency_vector
@@ -98,12 +98,11 @@ def train_ce(cfg, x, y, seeds, desc):
 
 
 def objective_for(cfg: dict, method: str, mask: str, sweep: Sweep, n_classes: int):
-    kd = cfg["kd"]
-    terms = {"ce": {"weight": kd["ce_weight"]}, **kd["methods"][method]}
-    loss_cfg = {"terms": terms, "mask": mask, "omega": {**kd["omega"], "detach": not cfg["parity"]}}
+    """common.kd.method_objective for every group of the sweep, with what only the sweep knows (sizes, labels)."""
     context = {"student_dim": n_classes, "teacher_dim": n_classes, "n_data": sweep.train.y.shape[1],
                "dataset_labels": sweep.train.y}
-    return build_objective(loss_cfg, runs=sweep.groups, context=context)
+    return method_objective(cfg["kd"], method, mask, detach_omega=not cfg["parity"], runs=sweep.groups,
+                            context=context)
 
 
 def train_kd(cfg, sweep, method, mask, teacher_train, seeds, desc):

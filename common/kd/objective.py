@@ -107,3 +107,13 @@ def build_objective(loss_cfg: dict, runs: int | None = None, context: dict | Non
     """Objective from the ``loss`` section of a config (keys: terms, mask, omega)."""
     cfg = dict(loss_cfg)
     return Objective(cfg.get("terms", {}), cfg.get("mask", "none"), cfg.get("omega"), runs=runs, context=context)
+
+
+def method_objective(kd: dict, method: str, mask: str, *, detach_omega: bool = True, runs: int | None = None,
+                     context: dict | None = None) -> Objective:
+    """The Objective of one KD method of an experiment's `kd` config section (the synthetic experiments' schema):
+    `ce` with weight kd["ce_weight"] plus the terms of kd["methods"][method], mask none | omega with kd["omega"]'s
+    settings; detach_omega=False is the reference's non-detached ω (parity)."""
+    terms = {"ce": {"weight": kd["ce_weight"]}, **kd["methods"][method]}
+    loss_cfg = {"terms": terms, "mask": mask, "omega": {**kd["omega"], "detach": detach_omega}}
+    return build_objective(loss_cfg, runs=runs, context=context)

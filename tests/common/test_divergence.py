@@ -14,15 +14,6 @@ DT = torch.float64
 LOG2 = math.log(2.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: extra intra-op threads only add overhead on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def np_softmax(z, T=1.0):
     z = np.asarray(z, dtype=np.float64) / T
     e = np.exp(z - z.max())

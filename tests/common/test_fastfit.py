@@ -13,14 +13,6 @@ from common.vectorized import BatchedLinear, batched_mlp, cross_entropy_sum
 from common.vectorized import fit as autograd_fit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mlp(runs, seeds, dims=(50, 16, 16, 4)):
     return batched_mlp(list(dims), runs, seeds=seeds)
 

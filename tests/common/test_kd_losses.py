@@ -21,15 +21,6 @@ from common.mask import omega as omega_fn
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: extra intra-op threads only add overhead on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # independent numpy references (float64, explicit loops)
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,7 +180,6 @@ def ref_rkd(s, t, w_d=25.0, w_a=50.0):
 
 def ref_ce(z, y, ignore_index=-100, label_smoothing=0.0):
     tot, cnt = 0.0, 0
-    c = z.shape[1]
     for i in range(z.shape[0]):
         if y[i] == ignore_index:
             continue

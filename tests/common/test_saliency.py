@@ -14,15 +14,6 @@ SHARED = [2, 5, 7]  # features both modalities see, and the only ones the label 
 TEACHER_ONLY = 9
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: a second intra-op thread only adds spin-wait overhead on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 

@@ -15,14 +15,6 @@ from common.vectorized import BatchedLinear, accuracy, batched_mlp, cross_entrop
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def t(a, grad=False):
     return torch.tensor(np.asarray(a), dtype=DT, requires_grad=grad)
 

@@ -3,7 +3,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from common import config as C
@@ -24,11 +23,6 @@ TEST_CFG = {
     "tag": {"epochs": 1, "num_permute": 2, "chunk": 8},
     "eval": {"epochs": 1},
 }
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

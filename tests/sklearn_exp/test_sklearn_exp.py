@@ -17,15 +17,6 @@ from sklearn_exp import main as sk_main
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors on a busy 2-core machine: a second intra-op thread only adds spin-wait overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def cfg_with(argv=(), **over):
     cfg = sk_main.resolve_config(sk_main.parse_args(list(argv)))
     cfg["progress"] = False
