@@ -22,7 +22,7 @@ import copy
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import yaml
@@ -72,21 +72,29 @@ def _short_yaml_reason(e: yaml.YAMLError) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
-def save_yaml(cfg: dict, path: str | os.PathLike) -> None:
-    """Write `cfg` as YAML atomically (temp file in the same directory, then os.replace), keeping key order."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "w") -> Path:
+    """Write a file atomically: `write(f)` into a temp file next to the target, fsync, os.replace. A crash (or a full
+    disk) mid-write leaves the previous file intact instead of a truncated one, which matters most for the config a
+    run records and the checkpoint a resume depends on."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def save_yaml(cfg: dict, path: str | os.PathLike) -> None:
+    """Write `cfg` as YAML atomically (temp file in the same directory, then os.replace), keeping key order."""
+    text = yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)
+    atomic_write(path, lambda f: f.write(text))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import pickle
 import random
 import shutil
 import sys
-import tempfile
 import zlib
 from datetime import datetime
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from common.config import DataError, UserError, save_yaml
+from common.config import DataError, UserError, atomic_write, save_yaml
 from common.ddp import unwrap
 
 
@@ -56,32 +55,15 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Atomic writes: write a temp file next to the target, fsync, os.replace. A crash (or a full disk) mid-write leaves
-# the previous file intact instead of a truncated one, which matters most for the checkpoint a resume depends on.
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
+# Atomic writes (common.config.atomic_write): a crash mid-write leaves the previous file intact.
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """torch.save(obj, path), atomically."""
-    return _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+    return atomic_write(path, lambda f: torch.save(obj, f), "wb")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return _atomic_write(path, lambda f: f.write(text), "w")
+    return atomic_write(path, lambda f: f.write(text), "w")
 
 
 def to_python(x: Any) -> Any:
