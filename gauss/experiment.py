@@ -105,9 +105,10 @@ def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
     (common.parallel) — and return {"rows", "per_run", "correlations", "settings", "seconds"}."""
     started = time.perf_counter()
     workers = min(cfg["workers"], cfg["runs"])
+    if workers > 1 and device.type != "cpu":
+        log(f"workers: {cfg['workers']} is for CPU runs; on {device} one process drives the device")
+        workers = 1
     if workers > 1:
-        if device.type != "cpu":
-            raise ValueError(f"workers > 1 runs on CPU processes; device is {device} (use workers: 1)")
         log(f"{cfg['runs']} runs over {workers} worker processes, {cfg['threads'] or 1} torch thread(s) each")
         block = parallel.concat_runs(parallel.run_blocks(sweep_block, cfg, workers, threads=cfg["threads"] or 1,
                                                          log=log))

@@ -201,15 +201,19 @@ def section_modify(results: dict, run_dir: Path, rel_to: Path, title: str) -> st
     return "\n".join(lines)
 
 
-def reproduce(results_dir: Path, device: str = "auto") -> str:
+def reproduce(results_dir: Path, device: str = "auto", workers: int | None = None) -> str:
     """The `make reproduce` entry: the NTDH default sweep, then the mfh_gamma and mfh_modify_gamma presets, into
-    results/gauss, returning the report section."""
+    results/gauss, returning the report section. `workers` (None: the config's) goes to the two γ sweeps; the
+    modify-γ table is one process."""
     from gauss import main as gauss_main
     out = Path(results_dir) / "gauss"
     parts = []
     for preset, title in ((None, None), ("mfh_gamma", "### MFH increase γ (`--preset mfh_gamma`, MFH Figure 2)"),
                           ("mfh_modify_gamma", "### MFH modify γ (`--preset mfh_modify_gamma`, MFH Table 2)")):
-        args = gauss_main.parse_args([] if preset is None else ["--preset", preset])
+        argv = [] if preset is None else ["--preset", preset]
+        if workers is not None and preset != "mfh_modify_gamma":
+            argv += ["--workers", str(max(1, workers))]
+        args = gauss_main.parse_args(argv)
         cfg = gauss_main.resolve_config(args)
         run_dir, results = gauss_main.run(cfg, out, device)
         if preset is None:

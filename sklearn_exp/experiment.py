@@ -201,9 +201,10 @@ def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
     then the tables, correlations and timings of all runs."""
     started, cpu_started = time.perf_counter(), time.process_time()
     workers = min(cfg["workers"], cfg["runs"])
+    if workers > 1 and device.type != "cpu":
+        log(f"workers: {cfg['workers']} is for CPU runs; on {device} one process drives the device")
+        workers = 1
     if workers > 1:
-        if device.type != "cpu":
-            raise ValueError(f"workers > 1 runs on CPU processes; device is {device} (use workers: 1)")
         log(f"{cfg['runs']} runs over {workers} worker processes, {cfg['threads'] or 1} torch thread(s) each")
         parts = parallel.run_blocks(sweep_block, cfg, workers, threads=cfg["threads"] or 1, log=log)
         block = parallel.concat_runs([{k: v for k, v in p.items() if "timings" not in k} for p in parts])
@@ -214,7 +215,7 @@ def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
     cpu = time.process_time() - cpu_started
     if workers > 1:   # the workers' CPU time is not this process's
         cpu += sum(block["cpu_timings"].values())
-    return summarize(cfg, block, time.perf_counter() - started, cpu, log)
+    return summarize(cfg, block, time.perf_counter() - started, cpu, log, workers)
 
 
 def sweep_block(cfg: dict, first_run: int = 0, device: torch.device | str = "cpu", log=None) -> dict:
@@ -283,7 +284,7 @@ def sweep_block(cfg: dict, first_run: int = 0, device: torch.device | str = "cpu
             "timings": dict(sweep.timings), "cpu_timings": dict(sweep.cpu_timings)}
 
 
-def summarize(cfg: dict, block: dict, seconds: float, cpu_seconds: float, log=print) -> dict:
+def summarize(cfg: dict, block: dict, seconds: float, cpu_seconds: float, log=print, workers: int = 1) -> dict:
     """Rows (one per loss, mask, γ: means over runs), Deltas, the NTDH rank correlations and the stage timings of the
     per-run results of `sweep_block` (one block, or the concatenation of all)."""
     settings, sal = block["settings"], block["saliency"]
@@ -312,7 +313,6 @@ def summarize(cfg: dict, block: dict, seconds: float, cpu_seconds: float, log=pr
             f"(p = {c['p']:.2g}); over the γ means ρ = {c['rho_means']:+.3f}")
     timings, cpu_timings = block["timings"], block["cpu_timings"]
     threads = cfg["threads"] or torch.get_num_threads()
-    workers = min(cfg["workers"], cfg["runs"])
     log("time per stage (s, wall / CPU" + (", summed over the workers" if workers > 1 else "") + "): "
         + ", ".join(f"{k} {v:.1f} / {cpu_timings[k]:.1f}" for k, v in timings.items())
         + f"; total {seconds:.1f} s wall, {cpu_seconds:.1f} s CPU ({workers} process(es), "

@@ -18,6 +18,7 @@ def small_cfg(**over):
     args = gauss_main.parse_args([])
     cfg = gauss_main.resolve_config(args)
     cfg["progress"] = False
+    cfg["workers"] = 1   # one process unless a test asks for workers (the default config splits over two)
     for k, v in over.items():
         node = cfg
         *path, last = k.split(".")

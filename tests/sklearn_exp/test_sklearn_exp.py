@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def cfg_with(argv=(), **over):
     cfg = sk_main.resolve_config(sk_main.parse_args(list(argv)))
     cfg["progress"] = False
+    cfg["workers"] = 1   # one process unless a test asks for workers (the default config splits over two)
     for k, v in over.items():
         node = cfg
         *path, last = k.split(".")
