@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from common.kd.logit import KLDistill
+from common.kd.objective import CrossEntropy
 from common.vectorized import BatchedLinear
 
 
@@ -172,10 +174,7 @@ def objective_grad(objective, labels: torch.Tensor, n_classes: int,
     term `kl` on the logits, without a mask — NTDH's and MFH's default KD. Everything else (ω, DKD, relational and
     feature terms) returns None: the caller differentiates the objective by autograd (fit's loss_fn).
     """
-    from common.kd.logit import KLDistill
-    from common.kd.objective import CrossEntropy
-
-    if getattr(objective, "mask", None) != "none" or teacher_logits is None and "kl" in objective.terms:
+    if getattr(objective, "mask", None) != "none":
         return None
     ce, kl = [], []
     for name, term in objective.terms.items():
@@ -187,7 +186,7 @@ def objective_grad(objective, labels: torch.Tensor, n_classes: int,
             kl.append((objective.weights[name], term))
         else:
             return None
-    if len(ce) != 1 or len(kl) > 1:
+    if len(ce) != 1 or len(kl) > 1 or kl and teacher_logits is None:
         return None
     if not kl:
         base = ce_grad(labels, n_classes)

@@ -53,6 +53,22 @@ def run_blocks(fn: Callable[[dict, int], object], cfg: dict, workers: int, *, th
     return results
 
 
+def run_sweep_blocks(block_fn: Callable, cfg: dict, device: torch.device, log: Callable[[str], None] = print
+                     ) -> tuple[list, int]:
+    """A sweep's per-block results and the number of processes used: `block_fn(cfg, 0, device, log)` in this
+    process when cfg["workers"] is 1 (or the device is not the CPU: one process drives a GPU, as the log says),
+    else `run_blocks` over min(workers, runs) CPU processes with cfg["threads"] (0: 1) torch threads each."""
+    workers = min(cfg["workers"], cfg["runs"])
+    if workers > 1 and device.type != "cpu":
+        log(f"workers: {cfg['workers']} is for CPU runs; on {device} one process drives the device")
+        workers = 1
+    if workers == 1:
+        return [block_fn(cfg, 0, device, log)], 1
+    threads = cfg["threads"] or 1
+    log(f"{cfg['runs']} runs over {workers} worker processes, {threads} torch thread(s) each")
+    return run_blocks(block_fn, cfg, workers, threads=threads, log=log), workers
+
+
 def concat_runs(parts: list, axis: int = 1):
     """Merge per-block results: arrays are concatenated along the runs axis (`axis`), dicts merged key by key
     (recursively), anything else taken from the first block (settings, layouts: identical in every block)."""

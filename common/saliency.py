@@ -513,14 +513,14 @@ def saliency_vector(teacher: nn.Module, student: nn.Module, batches: Iterable, p
                        disable=not progress, leave=False)
             for x_t, x_s, y in bar:
                 h_s = student(x_s)  # before any hook exists, in case teacher and student are one module
-                if n_channels is None:
+                if n_channels is None:   # from the first batch: the layout is the same for every batch
                     n_channels = channel_count(teacher, place, x_t, batch_dim, channel_dim)
                     classes = _class_axis(h_s, batch_dim, class_dim)
+                    lead = _leading_linear(teacher) if rank1 and place == "input" else None
+                    if lead is not None and not _rank1_layout(lead, x_t, batch_dim, channel_dim):
+                        lead = None
+                    stack = _runs_stack(teacher) if lead is not None and classes == 1 else None
                 batch_size = x_t.shape[batch_dim]
-                lead = _leading_linear(teacher) if rank1 and place == "input" else None
-                if lead is not None and not _rank1_layout(lead, x_t, batch_dim, channel_dim):
-                    lead = None
-                stack = _runs_stack(teacher) if lead is not None and classes == 1 else None
                 if stack is not None:
                     sums = _rank1_stack_sums(stack, h_s, x_t, y, op=op, distance=distance, variant=variant,
                                              n_repeats=n_repeats, chunk=chunk,

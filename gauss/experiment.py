@@ -104,16 +104,8 @@ def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
     """Train everything — in this process, or with the runs cut into blocks over `workers` CPU processes
     (common.parallel) — and return {"rows", "per_run", "correlations", "settings", "seconds"}."""
     started = time.perf_counter()
-    workers = min(cfg["workers"], cfg["runs"])
-    if workers > 1 and device.type != "cpu":
-        log(f"workers: {cfg['workers']} is for CPU runs; on {device} one process drives the device")
-        workers = 1
-    if workers > 1:
-        log(f"{cfg['runs']} runs over {workers} worker processes, {cfg['threads'] or 1} torch thread(s) each")
-        block = parallel.concat_runs(parallel.run_blocks(sweep_block, cfg, workers, threads=cfg["threads"] or 1,
-                                                         log=log))
-    else:
-        block = sweep_block(cfg, 0, device, log)
+    parts, workers = parallel.run_sweep_blocks(sweep_block, cfg, device, log)
+    block = parallel.concat_runs(parts)
     return {**summarize(block, log), "seconds": time.perf_counter() - started, "workers": workers}
 
 

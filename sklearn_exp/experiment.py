@@ -200,18 +200,10 @@ def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
     """The whole sweep: in this process, or cut into blocks of runs over `workers` processes (common.parallel, CPU);
     then the tables, correlations and timings of all runs."""
     started, cpu_started = time.perf_counter(), time.process_time()
-    workers = min(cfg["workers"], cfg["runs"])
-    if workers > 1 and device.type != "cpu":
-        log(f"workers: {cfg['workers']} is for CPU runs; on {device} one process drives the device")
-        workers = 1
-    if workers > 1:
-        log(f"{cfg['runs']} runs over {workers} worker processes, {cfg['threads'] or 1} torch thread(s) each")
-        parts = parallel.run_blocks(sweep_block, cfg, workers, threads=cfg["threads"] or 1, log=log)
-        block = parallel.concat_runs([{k: v for k, v in p.items() if "timings" not in k} for p in parts])
-        for key in ("timings", "cpu_timings"):   # stage seconds summed over the workers
-            block[key] = {k: sum(p[key][k] for p in parts) for k in parts[0][key]}
-    else:
-        block = sweep_block(cfg, 0, device, log)
+    parts, workers = parallel.run_sweep_blocks(sweep_block, cfg, device, log)
+    block = parallel.concat_runs([{k: v for k, v in p.items() if "timings" not in k} for p in parts])
+    for key in ("timings", "cpu_timings"):   # stage seconds summed over the blocks
+        block[key] = {k: sum(p[key][k] for p in parts) for k in parts[0][key]}
     cpu = time.process_time() - cpu_started
     if workers > 1:   # the workers' CPU time is not this process's
         cpu += sum(block["cpu_timings"].values())

@@ -164,3 +164,11 @@ def test_lone_linear_layer_ce_path_equals_autograd_in_float64(momentum):
     autograd_fit(b, x, y, epochs=15, lr=0.3, momentum=momentum)
     torch.testing.assert_close(a.weight, b.weight, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(a.bias, b.bias, rtol=1e-10, atol=1e-12)
+
+
+def test_objective_grad_needs_the_teacher_for_a_kl_term_whatever_its_name():
+    R, N = 2, 10
+    y = torch.randint(0, 4, (R, N))
+    named = build_objective({"terms": {"ce": {}, "distill": {"loss": "kl", "temperature": 2.0}}}, runs=R)
+    assert fastfit.objective_grad(named, y, 4) is None
+    assert fastfit.objective_grad(named, y, 4, torch.randn(R, 4, N)) is not None
