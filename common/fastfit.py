@@ -24,9 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from common import native
 from common.kd.logit import KLDistill
 from common.kd.objective import CrossEntropy
 from common.vectorized import BatchedLinear
+
+ENGINES = ("auto", "native", "torch")
 
 
 def linear_layers(model: nn.Module) -> list[BatchedLinear]:
@@ -67,14 +70,32 @@ def _backward(views, acts, g):
             g = torch.ops.aten.threshold_backward(g, acts[i], 0)   # ReLU mask: acts[i] = relu(pre-activation)
 
 
-def ce_grad(labels: torch.Tensor, n_classes: int, dtype=torch.float32) -> Callable:
-    """grad_fn of the run-summed mean cross-entropy of one model: (softmax(z) − onehot(y)) / N per block."""
+class LogitGrad:
+    """A closed-form logit gradient, local to each run: called as grad_fn(sl, logits) it returns ∂loss/∂logits for
+    the runs in slice sl (the torch engine); `kind`, `params`, `labels` and `teacher_probs` describe the same loss to
+    the native engine (common.native), which computes it in C. `models` is how many models' logits it takes."""
+
+    def __init__(self, kind: str, fn: Callable, labels: torch.Tensor, n_classes: int, models: int = 1,
+                 params: Sequence[float] = (), teacher_probs: torch.Tensor | None = None):
+        self.kind, self.fn, self.labels, self.n_classes = kind, fn, labels, n_classes
+        self.models, self.params, self.teacher_probs = models, tuple(float(p) for p in params), teacher_probs
+
+    def __call__(self, sl: slice, logits: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.fn(sl, logits)
+
+    def __repr__(self) -> str:
+        return f"LogitGrad({self.kind}, params={self.params})"
+
+
+def ce_grad(labels: torch.Tensor, n_classes: int, dtype=torch.float32, weight: float = 1.0) -> LogitGrad:
+    """The run-summed mean cross-entropy of one model, times weight: weight (softmax(z) − onehot(y)) / N per block."""
     onehot = F.one_hot(labels.long(), n_classes).transpose(1, 2).to(dtype)
     n = labels.shape[-1]
 
     def grad(sl, logits):
-        return [logits[0].softmax(1).sub_(onehot[sl]).div_(n)]
-    return grad
+        g = logits[0].softmax(1).sub_(onehot[sl]).div_(n)
+        return [g if weight == 1.0 else g.mul_(weight)]
+    return LogitGrad("ce", grad, labels, n_classes, params=(weight,))
 
 
 def _nontarget(z: torch.Tensor, target_inf: torch.Tensor, support: torch.Tensor):
@@ -101,7 +122,7 @@ def target_masks(labels: torch.Tensor, n_classes: int, dtype=torch.float32):
     return onehot, 1 - onehot, torch.zeros_like(onehot).masked_fill_(onehot.bool(), float("-inf"))
 
 
-def joint_ncjsd_grad(labels: torch.Tensor, n_classes: int, weight: float = 1.0) -> Callable:
+def joint_ncjsd_grad(labels: torch.Tensor, n_classes: int, weight: float = 1.0) -> LogitGrad:
     """grad_fn of Alg. 1's joint loss Σ_runs [CE(z_t) + CE(z_s) + weight · mean_n JS(p̂_s, p̂_t)] (textbook JS of
     the non-target distributions, common.divergence.nontarget_js) in closed form, for the logits [z_t, z_s].
 
@@ -124,11 +145,11 @@ def joint_ncjsd_grad(labels: torch.Tensor, n_classes: int, weight: float = 1.0) 
         g_t = z_t.softmax(1).sub_(oh).add_(js_part(p_t, log_t, log_m), alpha=weight).div_(n)
         g_s = z_s.softmax(1).sub_(oh).add_(js_part(p_s, log_s, log_m), alpha=weight).div_(n)
         return [g_t, g_s]
-    return grad
+    return LogitGrad("joint_ncjsd", grad, labels, n_classes, models=2, params=(weight,))
 
 
 def kd_kl_grad(labels: torch.Tensor, teacher_logits: torch.Tensor, *, ce_weight: float = 1.0, kl_weight: float = 1.0,
-               temperature: float = 1.0, reduction: str = "batchmean", t2: bool = False) -> Callable:
+               temperature: float = 1.0, reduction: str = "batchmean", t2: bool = False) -> LogitGrad:
     """grad_fn of ce_weight · CE + kl_weight · KL(softmax(z_t/T) ‖ softmax(z_s/T)) (common.kd "ce" + "kl", no mask)
     in closed form: ∂/∂z_s = [ce_weight (softmax(z_s) − onehot) + kl_weight · f · (softmax(z_s/T) − p_t) / T] / N,
     f = T² (t2) / C (reduction "mean"). The frozen teacher's p_t = softmax(z_t/T) is computed once, not per epoch."""
@@ -143,10 +164,10 @@ def kd_kl_grad(labels: torch.Tensor, teacher_logits: torch.Tensor, *, ce_weight:
         p_s = p if temperature == 1.0 else (z / temperature).softmax(1)
         g = (p_s - p_t[sl]).mul_(scale)
         return [g.add_(p.sub_(onehot[sl]), alpha=ce_weight).div_(n)]
-    return grad
+    return LogitGrad("ce_kl", grad, labels, n_classes, params=(ce_weight, scale, 1.0 / temperature), teacher_probs=p_t)
 
 
-def joint_logit_grad(labels: torch.Tensor, n_classes: int, distance: str = "mse", weight: float = 1.0) -> Callable:
+def joint_logit_grad(labels: torch.Tensor, n_classes: int, distance: str = "mse", weight: float = 1.0) -> LogitGrad:
     """grad_fn of MFH's Alg. 1 joint loss Σ_runs [CE(z_a) + CE(z_b) + weight · d(z_a, z_b)] for the logits
     [z_a, z_b], d the mean over classes and samples of (z_a − z_b)² ("mse") or |z_a − z_b| ("l1"):
     ∂d/∂z_a = 2 (z_a − z_b) / (C·N) or sign(z_a − z_b) / (C·N), and ∂d/∂z_b = −∂d/∂z_a."""
@@ -163,11 +184,11 @@ def joint_logit_grad(labels: torch.Tensor, n_classes: int, distance: str = "mse"
         g_a = z_a.softmax(1).sub_(onehot[sl]).add_(agree)
         g_b = z_b.softmax(1).sub_(onehot[sl]).sub_(agree)
         return [g_a.div_(n), g_b.div_(n)]
-    return grad
+    return LogitGrad(f"joint_{distance}", grad, labels, n_classes, models=2, params=(scale,))
 
 
 def objective_grad(objective, labels: torch.Tensor, n_classes: int,
-                   teacher_logits: torch.Tensor | None = None) -> Callable | None:
+                   teacher_logits: torch.Tensor | None = None) -> LogitGrad | None:
     """The closed-form grad_fn of a `common.kd` Objective (runs=R) when it has one, else None.
 
     Covered: a plain cross-entropy term `ce` (no label smoothing, no ignored labels) alone or with one vanilla-KD
@@ -189,8 +210,7 @@ def objective_grad(objective, labels: torch.Tensor, n_classes: int,
     if len(ce) != 1 or len(kl) > 1 or kl and teacher_logits is None:
         return None
     if not kl:
-        base = ce_grad(labels, n_classes)
-        return base if ce[0] == 1.0 else (lambda sl, logits: [g.mul_(ce[0]) for g in base(sl, logits)])
+        return ce_grad(labels, n_classes, weight=ce[0])
     weight, term = kl[0]
     return kd_kl_grad(labels, teacher_logits, ce_weight=ce[0], kl_weight=weight, temperature=term.temperature,
                       reduction=term.reduction, t2=term.t2)
@@ -199,7 +219,8 @@ def objective_grad(objective, labels: torch.Tensor, n_classes: int,
 def fit(models: Sequence[nn.Module], inputs: Sequence[torch.Tensor], *, epochs: int, lr: float,
         momentum: float = 0.0, labels: torch.Tensor | None = None,
         loss_fn: Callable[[list[torch.Tensor]], torch.Tensor] | None = None, grad_fn: Callable | None = None,
-        extra_params=(), chunk: int | None = None, progress: bool = False, desc: str | None = None) -> list[nn.Module]:
+        extra_params=(), chunk: int | None = None, progress: bool = False, desc: str | None = None,
+        engine: str = "auto") -> list[nn.Module]:
     """Full-batch SGD of one or more batched MLP stacks on one loss; every tensor (R, ·, N) with the same R.
 
     The loss is given in one of three ways:
@@ -210,9 +231,14 @@ def fit(models: Sequence[nn.Module], inputs: Sequence[torch.Tensor], *, epochs: 
         forward → gradient → backward while its activations are in cache.
     neither: the cross-entropy of a single model against `labels` (run-summed mean CE, `ce_grad`).
     extra_params: further parameters of the loss_fn (a common.kd Objective's), stepped with the models'.
-    chunk: runs per forward / backward block (None: all at once).
+    chunk: runs per forward / backward block of the torch engine (None: all at once).
+    engine: "torch" (the code below), "native" (common.native's C kernel: a LogitGrad closed form on float32 CPU
+        tensors; an error otherwise) or "auto" (native when it can run this training, else torch). Both make the
+        same updates up to float rounding.
     Returns the models, in eval mode.
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if loss_fn is not None and grad_fn is not None:
         raise ValueError("give loss_fn or grad_fn, not both")
     if loss_fn is None and grad_fn is None:
@@ -224,6 +250,15 @@ def fit(models: Sequence[nn.Module], inputs: Sequence[torch.Tensor], *, epochs: 
         raise ValueError("every model and input must have the same number of runs")
     if loss_fn is None and grad_fn is None:
         grad_fn = ce_grad(labels, stacks[0][-1].out_features, inputs[0].dtype)
+    if engine != "torch":
+        why = native.unsupported(stacks, inputs, grad_fn if loss_fn is None else None)
+        if why is None:
+            native.fit(stacks, inputs, grad_fn, epochs=epochs, lr=lr, momentum=momentum, progress=progress, desc=desc)
+            for m in models:
+                m.eval()
+            return list(models)
+        if engine == "native":
+            raise ValueError(f"engine 'native' cannot run this training: {why}")
     chunk = runs if not chunk or chunk > runs else int(chunk)
     slices = [slice(s, min(s + chunk, runs)) for s in range(0, runs, chunk)]
     params = [p for layers in stacks for lin in layers for p in (lin.weight, lin.bias)]
@@ -274,11 +309,12 @@ def fit(models: Sequence[nn.Module], inputs: Sequence[torch.Tensor], *, epochs: 
 def fit_objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float,
                   momentum: float = 0.0, objective=None, teacher_out: torch.Tensor | None = None,
                   closed_form: bool = True, chunk: int | None = None, progress: bool = False,
-                  desc: str | None = None) -> nn.Module:
+                  desc: str | None = None, engine: str = "auto") -> nn.Module:
     """Train one stack on the cross-entropy (objective None) or on a `common.kd` Objective against teacher_out: by
     its closed-form gradient when `objective_grad` has one (and closed_form), else by autograd on the logits with
-    the objective's own parameters stepped alongside. The same updates either way, up to float rounding."""
-    common = dict(epochs=epochs, lr=lr, momentum=momentum, chunk=chunk, progress=progress, desc=desc)
+    the objective's own parameters stepped alongside. The same updates either way, up to float rounding.
+    engine: as `fit` (a closed form runs on the native engine under "auto" when it can)."""
+    common = dict(epochs=epochs, lr=lr, momentum=momentum, chunk=chunk, progress=progress, desc=desc, engine=engine)
     if objective is None:
         return fit([model], [x], labels=y, **common)[0]
     n_classes = linear_layers(model)[-1].out_features

@@ -81,7 +81,8 @@ def train_linear(cfg, sweep: Sweep, x: torch.Tensor, role: int, desc: str, objec
     t = cfg["train"]
     # CE, and CE + KL without a mask (the default), by their closed-form gradients; other objectives by autograd
     return fit_objective(model, x, sweep.train.y, epochs=t["epochs"], lr=t["lr"], momentum=t["momentum"],
-                         objective=objective, teacher_out=teacher_out, desc=desc, progress=cfg["progress"])
+                         objective=objective, teacher_out=teacher_out, desc=desc, progress=cfg["progress"],
+                         engine=t["engine"])
 
 
 def nontarget_divergence(z_s: torch.Tensor, z_t: torch.Tensor, y: torch.Tensor, variant: str) -> torch.Tensor:

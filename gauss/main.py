@@ -17,6 +17,7 @@ if str(HERE.parent) not in sys.path:  # run as a script without an install: make
 import torch  # noqa: E402
 
 from common import config as C  # noqa: E402
+from common import fastfit, native  # noqa: E402
 from common.run import RunDir, cli, seed_everything  # noqa: E402
 from gauss import data, experiment, modify, report  # noqa: E402
 
@@ -81,6 +82,10 @@ def check(cfg: dict) -> None:
     for key in ("n_train", "n_test", "x1_dim", "x2_dim", "xs2_dim"):
         need(d[key] >= 1, f"data.{key} must be ≥ 1, got {d[key]}")
     need(cfg["train"]["epochs"] >= 1 and cfg["train"]["lr"] > 0, "train.epochs must be ≥ 1 and train.lr > 0")
+    need(cfg["train"]["engine"] in fastfit.ENGINES,
+         f"train.engine: expected one of {', '.join(fastfit.ENGINES)}, got {cfg['train']['engine']!r}")
+    if cfg["train"]["engine"] == "native":
+        need(not native.unavailable(), f"train.engine: native, but {native.unavailable()}")
     need(cfg["threads"] >= 0, f"threads must be ≥ 0 (0 = torch's default), got {cfg['threads']}")
     need(cfg["workers"] >= 1, f"workers must be ≥ 1 (processes the runs are split over), got {cfg['workers']}")
     need(cfg["workers"] == 1 or cfg["data"]["generator"] != "modify_gamma",
@@ -130,6 +135,7 @@ def run(cfg: dict, out: str | Path, device: str = "auto") -> tuple[RunDir, dict]
 def _run(cfg: dict, out, dev: torch.device) -> tuple[RunDir, dict]:
     rd = RunDir.create(out, cfg["name"], config=cfg, code_from=HERE)
     rd.log(f"run directory {rd.path}")
+    rd.log(f"trainer: {native.describe(cfg['train']['engine'], dev)}")
     generator = cfg["data"]["generator"]
     if generator == "modify_gamma":
         results = modify.run_table(cfg, dev, log=rd.log)

@@ -112,7 +112,8 @@ def algorithm1(cfg: dict, split: data.Split, n_settings: int, progress: bool):
     fast = a["engine"] == "closed_form"
     if fast:
         fit([net_t, net_s], [split.x1, split.x2], epochs=a["epochs"], lr=a["lr"], momentum=a["momentum"],
-            grad_fn=joint_logit_grad(split.y, n_classes, a["distance"]), progress=progress, desc="alg1 joint")
+            grad_fn=joint_logit_grad(split.y, n_classes, a["distance"]), progress=progress, desc="alg1 joint",
+            engine=cfg["train"]["engine"])
     else:
         saliency.joint_train(net_t, net_s, lambda: [(split.x1, split.x2, split.y)], epochs=a["epochs"], lr=a["lr"],
                              momentum=a["momentum"], loss_fn=_joint_loss(a["distance"]), class_dim=1,
@@ -161,7 +162,7 @@ def run_table(cfg: dict, device: torch.device, log=print) -> dict:
         model = linear(x.shape[1], n_classes, seeds_for(cfg, n_settings, role), widths).to(device)
         return fit_objective(model, x, kd_train.y if role != "teacher" else train.y, epochs=t["epochs"], lr=t["lr"],
                    momentum=t["momentum"], objective=objective, teacher_out=teacher_out, desc=desc,
-                   progress=progress)
+                   progress=progress, engine=t["engine"])
 
     per_group = lambda v: v.detach().cpu().numpy()
     teacher = train_model(train.x1, "teacher", S, "regular teacher")
@@ -191,7 +192,7 @@ def run_table(cfg: dict, device: torch.device, log=print) -> dict:
     mg_y = kd_train.y.repeat(len(modes), 1)
     mg_teacher = linear(mg_train.shape[1], n_classes, seeds_for(cfg, len(modes) * S, "mg_teacher"), widths).to(device)
     fit_objective(mg_teacher, mg_train, mg_y, epochs=t["epochs"], lr=t["lr"], momentum=t["momentum"],
-        desc="modality-general teachers", progress=progress)
+        desc="modality-general teachers", progress=progress, engine=t["engine"])
     with torch.no_grad():
         mg_teacher_acc = per_group(accuracy(mg_teacher(mg_test), test.y.repeat(len(modes), 1)))
         mg_teacher_out = mg_teacher(mg_train)
@@ -213,7 +214,7 @@ def run_table(cfg: dict, device: torch.device, log=print) -> dict:
             mg_student = linear(d["x2_dim"], n_classes, seeds_for(cfg, len(modes) * S, "mg_student")).to(device)
             fit_objective(mg_student, stage_b.train.x2, mg_y, epochs=t["epochs"], lr=t["lr"], momentum=t["momentum"],
                           objective=objective, teacher_out=mg_teacher_out, desc=f"{key} modality-general KD",
-                          progress=progress)
+                          progress=progress, engine=t["engine"])
             with torch.no_grad():
                 regular_kd_acc = per_group(accuracy(student(test.x2), test.y))
                 mg_kd_acc = per_group(accuracy(mg_student(test.x2.repeat(len(modes), 1, 1)),

@@ -89,7 +89,7 @@ def init_seeds(cfg: dict, sweep: Sweep, offset: int = 0, groups: int | None = No
 def _train_cfg(cfg):
     t = cfg["train"]
     return {"epochs": t["epochs"], "lr": t["lr"], "momentum": t["momentum"], "chunk": t["chunk_runs"],
-            "progress": cfg["progress"]}
+            "progress": cfg["progress"], "engine": t["engine"]}
 
 
 def train_ce(cfg, x, y, seeds, desc):
@@ -160,7 +160,8 @@ def algorithm1(cfg: dict, sweep: Sweep, variant: str, log=print) -> dict:
             if variant == "textbook" and cfg["train"].get("closed_form", True) else {"loss_fn": joint_loss})
     sweep.timed("alg1_joint", lambda: fit(
         [teacher, student], [tr.x1, tr.x2], epochs=a["epochs"], lr=a["lr"], momentum=a["momentum"],
-        chunk=cfg["train"]["chunk_runs"], progress=cfg["progress"], desc="alg1 joint training", **loss))
+        chunk=cfg["train"]["chunk_runs"], progress=cfg["progress"], desc="alg1 joint training",
+        engine=cfg["train"]["engine"], **loss))
     gen = torch.Generator().manual_seed(cfg["seed"])
     # common.saliency at place "input"; `alg1.rank1` builds the permuted copies by a rank-1 update of the first
     # layer's output (same numbers and permutations as copying the input, several times faster)

@@ -16,6 +16,7 @@ if str(HERE.parent) not in sys.path:  # run as a script without an install: make
 import torch  # noqa: E402
 
 from common import config as C  # noqa: E402
+from common import fastfit, native  # noqa: E402
 from common.run import RunDir, cli, seed_everything  # noqa: E402
 from sklearn_exp import experiment, report  # noqa: E402
 
@@ -77,6 +78,10 @@ def validate(cfg: dict) -> None:
         raise C.ConfigError(f"analysis.ncjsd_split: expected train or test, got {cfg['analysis']['ncjsd_split']!r}")
     if cfg["analysis"]["js_variant"] not in ("textbook", "reference"):
         raise C.ConfigError(f"analysis.js_variant: expected textbook or reference, got {cfg['analysis']['js_variant']!r}")
+    if cfg["train"]["engine"] not in fastfit.ENGINES:
+        raise C.ConfigError(f"train.engine: expected one of {', '.join(fastfit.ENGINES)}, got {cfg['train']['engine']!r}")
+    if cfg["train"]["engine"] == "native" and native.unavailable():
+        raise C.ConfigError(f"train.engine: native, but {native.unavailable()}")
     if cfg["threads"] < 0:
         raise C.ConfigError(f"threads must be ≥ 0 (0 = torch's default), got {cfg['threads']}")
     if cfg["workers"] < 1:
@@ -95,6 +100,7 @@ def run(cfg: dict, out: str | Path, device: str = "auto") -> tuple[RunDir, dict]
     seed_everything(cfg["seed"], cfg["deterministic"])
     rd = RunDir.create(out, cfg["name"], config=cfg, code_from=HERE)
     rd.log(f"run directory {rd.path}")
+    rd.log(f"trainer: {native.describe(cfg['train']['engine'], dev)}")
     results = experiment.run_sweep(cfg, dev, log=rd.log)
     rd.write_csv("summary.csv", results["rows"], experiment.CSV_COLUMNS)
     plots = report.plot(results, rd.path)

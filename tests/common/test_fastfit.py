@@ -1,5 +1,6 @@
-"""common.fastfit: the hand-written backward and every closed-form logit gradient make the updates of autograd +
-torch.optim.SGD through the losses they replace; objective_grad covers exactly the objectives it can."""
+"""common.fastfit (torch engine): the hand-written backward and every closed-form logit gradient make the updates of
+autograd + torch.optim.SGD through the losses they replace; objective_grad covers exactly the objectives it can.
+The native engine is held to the same references in test_native.py."""
 import copy
 
 import pytest
@@ -30,7 +31,7 @@ def test_fast_trainer_equals_autograd_sgd():
     a = mlp(R, [1, 2, 3])
     b = copy.deepcopy(a)
     autograd_fit(a, x, y, epochs=25, lr=0.05, momentum=0.5)
-    fastfit.fit([b], [x], labels=y, epochs=25, lr=0.05, momentum=0.5, chunk=2)
+    fastfit.fit([b], [x], labels=y, epochs=25, lr=0.05, momentum=0.5, chunk=2, engine="torch")
     assert _max_diff(a.parameters(), b.parameters()) < 1e-5
     assert _max_diff(a.parameters(), mlp(R, [1, 2, 3]).parameters()) > 1e-3  # it trained
     # a KD objective with ω and a trainable regressor
@@ -69,7 +70,7 @@ def test_closed_form_gradients_equal_autograd():
                                + 0.7 * nontarget_js(zs, zt, yy, dim=1).mean(-1).sum())
     joint_train(ta, sa, lambda: [(x, x2, y)], epochs=25, lr=0.05, momentum=0.9, loss_fn=loss)
     fastfit.fit([tb, sb], [x, x2], epochs=25, lr=0.05, momentum=0.9, grad_fn=fastfit.joint_ncjsd_grad(y, 4, 0.7),
-               chunk=1)
+               chunk=1, engine="torch")
     assert _max_diff([*ta.parameters(), *sa.parameters()], [*tb.parameters(), *sb.parameters()]) < 1e-5
     for kl in [{"weight": 1.0, "temperature": 1.0},
                {"weight": 1.3, "temperature": 2.0, "reduction": "mean", "t2": True}]:
@@ -80,7 +81,7 @@ def test_closed_form_gradients_equal_autograd():
         autograd_fit(a, x, y, epochs=25, lr=0.05, objective=obj, teacher_out=t)
         grad_fn = fastfit.objective_grad(obj, y, 4, t)
         assert grad_fn is not None
-        fastfit.fit([b], [x], epochs=25, lr=0.05, grad_fn=grad_fn, chunk=2)
+        fastfit.fit([b], [x], epochs=25, lr=0.05, grad_fn=grad_fn, chunk=2, engine="torch")
         assert _max_diff(a.parameters(), b.parameters()) < 1e-5
     with pytest.raises(ValueError, match="not both"):
         fastfit.fit([a], [x], epochs=1, lr=0.1, loss_fn=lambda z: z[0].sum(), grad_fn=fastfit.ce_grad(y, 4))
@@ -103,7 +104,7 @@ def test_joint_logit_grad_equals_autograd_on_a_single_linear_layer(distance):
 
     joint_train(ta, sa, lambda: [(x, x2, y)], epochs=30, lr=0.1, momentum=0.9, loss_fn=loss)
     fastfit.fit([tb, sb], [x, x2], epochs=30, lr=0.1, momentum=0.9,
-                grad_fn=fastfit.joint_logit_grad(y, 3, distance, weight=0.5))
+                grad_fn=fastfit.joint_logit_grad(y, 3, distance, weight=0.5), engine="torch")
     assert _max_diff([*ta.parameters(), *sa.parameters()], [*tb.parameters(), *sb.parameters()]) < 1e-5
     with pytest.raises(ValueError, match="mse"):
         fastfit.joint_logit_grad(y, 3, "ncjsd")
