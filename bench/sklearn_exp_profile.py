@@ -2,10 +2,11 @@
 extrapolated to the default 1000 epochs: wall-clock and CPU time (time.process_time) of every stage.
 
 Training stages scale linearly with the epochs; data and saliency do not depend on them.
-`--legacy` runs the settings of the first version (autograd for every loss, common.saliency.saliency_vector copying
-the input per column, 10 runs per backward block, 5 columns per forward, torch's default thread count).
+`--legacy` runs the settings of the first version (autograd for every loss on the torch engine,
+common.saliency.saliency_vector copying the input per column, 10 runs per backward block, 5 columns per forward,
+torch's default thread count); `--set train.engine=torch` the torch engine with today's other settings.
 
-    python bench/sklearn_exp_profile.py [--epochs 20] [--legacy] [--threads N]
+    python bench/sklearn_exp_profile.py [--epochs 20] [--legacy] [--threads N] [--set train.engine=torch]
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import torch  # noqa: E402
 from sklearn_exp import experiment  # noqa: E402
 from sklearn_exp import main as sk_main  # noqa: E402
 
-LEGACY = ["train.closed_form=false", "alg1.rank1=false", "train.chunk_runs=10", "alg1.chunk_channels=5",
-          "threads=0"]
+LEGACY = ["train.closed_form=false", "train.engine=torch", "alg1.rank1=false", "train.chunk_runs=10",
+          "alg1.chunk_channels=5", "threads=0"]
 UNSCALED = ("data", "alg1_saliency")
 
 
@@ -60,8 +61,9 @@ def main():
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--legacy", action="store_true", help="the first version's settings (see the docstring)")
     p.add_argument("--threads", type=int, default=None, help="override the config's torch threads")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config override")
     args = p.parse_args()
-    cfg = profile_cfg(args.epochs, args.legacy, args.threads)
+    cfg = profile_cfg(args.epochs, args.legacy, args.threads, extra=args.set)
     print(f"{'legacy' if args.legacy else 'current'} settings, {args.epochs} epochs per model:")
     print(table(run(cfg), args.epochs))
 

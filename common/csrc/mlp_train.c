@@ -272,9 +272,9 @@ static inline void js_grad(const vf *p, const vf *logp, const vf *logm, int C, v
     for (int c = 0; c < C; c++) out[c] = p[c] * ((logp[c] - logm[c]) * bc(0.5f) - mean);
 }
 
-static void loss_grad(const Loss *L, int n_models, float *const *z, float *const *g, const int32_t *y,
-                      const float *teacher, int valid, float inv_n) {
-    int C = L->n_classes;
+static inline __attribute__((always_inline)) void loss_grad_c(const Loss *L, int n_models, float *const *z,
+                                                               float *const *g, const int32_t *y, const float *teacher,
+                                                               int valid, float inv_n, int C) {
     vf p[MAXC], q[MAXC], pa[MAXC], la[MAXC], pb[MAXC], lb[MAXC], m[MAXC], ja[MAXC], jb[MAXC];
     for (int s = 0; s < T; s += V) {
         vi yy = *(const vi_u *)(y + s), ok = valid_mask(s, valid);
@@ -321,6 +321,18 @@ static void loss_grad(const Loss *L, int n_models, float *const *z, float *const
                 float *gc = g[k] + c * T + s;
                 st(gc, (vf)((vi)(ld(gc) * bc(inv_n)) & ok));
             }
+    }
+}
+
+/* the class count as a compile-time constant for the common small cases: the class loops unroll and the per-class
+ * vectors stay in registers */
+__attribute__((noinline)) static void loss_grad(const Loss *L, int n_models, float *const *z, float *const *g,
+                                                const int32_t *y, const float *teacher, int valid, float inv_n) {
+    switch (L->n_classes) {
+    case 2: loss_grad_c(L, n_models, z, g, y, teacher, valid, inv_n, 2); break;
+    case 3: loss_grad_c(L, n_models, z, g, y, teacher, valid, inv_n, 3); break;
+    case 4: loss_grad_c(L, n_models, z, g, y, teacher, valid, inv_n, 4); break;
+    default: loss_grad_c(L, n_models, z, g, y, teacher, valid, inv_n, L->n_classes);
     }
 }
 

@@ -1,5 +1,5 @@
 """sklearn_exp end to end: Alg. 1 finds the decisive columns, the masked-teacher path, the CLI and the CSV contract
-(the fast trainer's equality with autograd is tested in tests/common/test_fastfit.py)."""
+(the trainers' equality with autograd is tested in tests/common/test_fastfit.py and test_native.py)."""
 import csv
 import json
 import subprocess
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from common import native
 from common.config import ConfigError, load_yaml
 from sklearn_exp import experiment
 from sklearn_exp import main as sk_main
@@ -116,6 +117,8 @@ def test_end_to_end_every_method_and_mask(tmp_path):
     for name in ["accuracy_vs_gamma.png", "delta_vs_gamma.png", "delta_vs_ncjsd.png", "saliency_run0.png"]:
         assert (run_dir.path / name).stat().st_size > 1000
     assert (run_dir.path / "code" / "main.py").exists() and (run_dir.path / "log" / "config.yaml").exists()
+    log = (run_dir.path / "log" / "console.log").read_text()
+    assert ("trainer: native C kernel" if native.unavailable() is None else "trainer: torch (") in log
     from sklearn_exp import report
     md = report.section(results, run_dir.path, tmp_path)
     assert "saliency_run0.png" in md and "| rkd | omega |" in md
@@ -175,3 +178,22 @@ def test_runs_split_over_worker_processes_give_the_same_numbers():
     assert [r["runs"] for r in two["rows"]] == [3, 3]
     with pytest.raises(ConfigError, match="workers"):
         cfg_with(["--workers", "0"])
+
+
+@pytest.mark.skipif(native._compiler() is None, reason="no C compiler")
+def test_native_and_torch_engines_give_the_same_sweep():
+    """train.engine native (the default's choice where a compiler exists) and torch: the same per-run numbers, up to
+    float rounding, for every trained role and Alg. 1's selection."""
+    over = {"runs": 2, "data.n_samples": 600, "data.overlaps": [20, 5], "train.epochs": 30, "alg1.epochs": 30,
+            "alg1.repeats": 2}
+    res = {engine: experiment.run_sweep(cfg_with(**over, **{"train.engine": engine}), torch.device("cpu"),
+                                        log=lambda *_: None) for engine in ("native", "torch")}
+    for key in ("teacher_acc", "no_kd_acc", "masked_teacher_acc"):
+        np.testing.assert_allclose(res["native"][key], res["torch"][key], atol=1e-6)
+    for name in ("kd_acc", "masked_student_acc", "ncjsd"):
+        np.testing.assert_allclose(res["native"]["per_run"]["kl/none"][name], res["torch"]["per_run"]["kl/none"][name],
+                                   atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(res["native"]["saliency"]["x1"], res["torch"]["saliency"]["x1"], atol=1e-4)
+    np.testing.assert_array_equal(res["native"]["saliency"]["kept_x1"], res["torch"]["saliency"]["kept_x1"])
+    with pytest.raises(ConfigError, match="train.engine"):
+        cfg_with(["--set", "train.engine=fast"])
