@@ -22,7 +22,7 @@
 #include <string.h>
 
 #define ABI_VERSION 1
-#define V 8            /* floats per vector */
+#define V 8            /* floats per vector (the iota in valid_mask and the 8 x 8 transpose assume 8) */
 #define T 96           /* samples per tile: a multiple of V and of the blocking factors 6 and 2 below */
 #define SB 6           /* samples per register block in the forward and input-gradient products */
 #define MAXL 8         /* layers per model */
@@ -44,19 +44,30 @@ static inline vf vmax(vf a, vf b) { return sel(a > b, a, b); }
 static inline vf relu(vf a) { return (vf)((vi)a & (a > bc(0.0f))); }
 static inline int round_up(int a, int b) { return (a + b - 1) / b * b; }
 
+/* two-vector shuffle with constant indices: GCC >= 12 and clang have __builtin_shufflevector, older GCC only
+ * __builtin_shuffle */
+#if defined(__clang__) || __GNUC__ >= 12
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (vi){__VA_ARGS__})
+#endif
+
 /* r[i][j] <- r[j][i], an 8 x 8 block in registers (unpack, shuffle, then swap 128-bit halves) */
 static inline void transpose(vf *r) {
-    const vi lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
-    const vi lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
-    const vi lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
     vf a[8], b[8];
-    for (int i = 0; i < 8; i += 2) { a[i] = __builtin_shuffle(r[i], r[i + 1], lo); a[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi); }
+    for (int i = 0; i < 8; i += 2) {
+        a[i] = SHUFFLE(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        a[i + 1] = SHUFFLE(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
     for (int i = 0; i < 8; i += 4)   /* b[i + 2j] = rows i..i+3 at column 2j (and 2j + 4), b[i + 2j + 1] the next */
         for (int j = 0; j < 2; j++) {
-            b[i + 2 * j] = __builtin_shuffle(a[i + j], a[i + j + 2], lo2);
-            b[i + 2 * j + 1] = __builtin_shuffle(a[i + j], a[i + j + 2], hi2);
+            b[i + 2 * j] = SHUFFLE(a[i + j], a[i + j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+            b[i + 2 * j + 1] = SHUFFLE(a[i + j], a[i + j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
         }
-    for (int i = 0; i < 4; i++) { r[i] = __builtin_shuffle(b[i], b[i + 4], lo4); r[i + 4] = __builtin_shuffle(b[i], b[i + 4], hi4); }
+    for (int i = 0; i < 4; i++) {
+        r[i] = SHUFFLE(b[i], b[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        r[i + 4] = SHUFFLE(b[i], b[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    }
 }
 
 /* e^x for x <= 0 (every call site: softmax arguments, -|a - b|), Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2,
