@@ -107,7 +107,7 @@ def run(cfg: dict, out: str | Path, device: str = "auto") -> tuple[RunDir, dict]
     sal = results["saliency"]
     rd.write_summary({"experiment": "sklearn_exp", "config": cfg, "seconds": results["seconds"],
                       "cpu_seconds": results["cpu_seconds"], "threads": results["threads"],
-                      "workers": results["workers"],
+                      "workers": results["workers"], "trainer": results["trainer"],
                       "timings": results["timings"], "cpu_timings": results["cpu_timings"], "rows": results["rows"],
                       "correlations": results["correlations"],
                       "alg1": {"mode": results["mode"], "mask_dim": results["mask_dim"],
