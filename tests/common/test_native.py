@@ -16,8 +16,9 @@ from common.vectorized import fit as autograd_fit
 # only a machine without a C compiler skips: where one exists, a kernel that does not build fails these tests
 pytestmark = pytest.mark.skipif(native._compiler() is None, reason="no C compiler")
 
-# (dims, samples): the sklearn MLP, odd widths with a partial tile, a lone linear layer (gauss), a deeper stack
-SHAPES = [((50, 16, 16, 4), 300), ((7, 13, 5, 3), 97), ((9, 3), 200), ((6, 24, 9, 10, 5), 130)]
+# (dims, samples): the sklearn MLP, odd widths with a partial tile, lone linear layers (gauss: two classes), a deeper
+# stack with more classes than the kernel's specialised 2..4
+SHAPES = [((50, 16, 16, 4), 300), ((7, 13, 5, 3), 97), ((9, 3), 200), ((25, 2), 200), ((6, 24, 9, 10, 5), 130)]
 
 
 def params(models):
