@@ -13,6 +13,11 @@ once per fit, not per epoch. The loss enters in one of two ways:
   autograd on the (R, C, N) logits only (plus the objective's own parameters: FitNet regressor, CRD embeddings).
 It performs exactly the updates of autograd + `torch.optim.SGD` (momentum, no dampening) on the run-summed loss, up
 to float rounding (tests/common/test_fastfit.py compares every path with autograd).
+
+That is the torch engine. The closed forms are `LogitGrad`s, which also describe themselves to the native engine
+(`common.native`, a C kernel compiled on first use): `fit(..., engine="auto")`, the default, trains them there —
+about 2x faster on sklearn_exp's MLPs — whenever the tensors are float32 on the CPU and the kernel builds, and on
+the torch engine otherwise (tests/common/test_native.py holds it to the same references).
 """
 from __future__ import annotations
 
