@@ -215,8 +215,8 @@ def fit(stacks, inputs, grad, *, epochs: int, lr: float, momentum: float = 0.0, 
     n_layers = (ctypes.c_int * 2)(*[len(layers) for layers in stacks], *([0] * (2 - n_models)))
     dims = (ctypes.c_int * (2 * (MAX_LAYERS + 1)))()
     for m, layers in enumerate(stacks):
-        for l, d in enumerate([layers[0].in_features] + [lin.out_features for lin in layers]):
-            dims[m * (MAX_LAYERS + 1) + l] = d
+        for k, d in enumerate([layers[0].in_features] + [lin.out_features for lin in layers]):
+            dims[m * (MAX_LAYERS + 1) + k] = d
     values = (ctypes.c_float * 3)(*(list(grad.params) + [0.0] * 3)[:3])
     kind = LOSS_KINDS[grad.kind]
     bar = tqdm(range(runs), desc=desc, disable=not progress, leave=False, unit="run")
@@ -224,8 +224,8 @@ def fit(stacks, inputs, grad, *, epochs: int, lr: float, momentum: float = 0.0, 
         w = (ctypes.c_void_p * (2 * MAX_LAYERS))()
         b = (ctypes.c_void_p * (2 * MAX_LAYERS))()
         for m, layer_params in enumerate(params):
-            for l, (wt, bs) in enumerate(layer_params):
-                w[m * MAX_LAYERS + l], b[m * MAX_LAYERS + l] = _pointer(wt, r), _pointer(bs, r)
+            for k, (wt, bs) in enumerate(layer_params):
+                w[m * MAX_LAYERS + k], b[m * MAX_LAYERS + k] = _pointer(wt, r), _pointer(bs, r)
         x = (ctypes.c_void_p * 2)(*[_pointer(t, r) for t in xs], *([None] * (2 - n_models)))
         status = lib.cmkd_train(n_models, n_layers, dims, w, b, x, _pointer(labels, r), n, grad.n_classes,
                                 _pointer(teacher, r) if teacher is not None else None, kind, values, epochs,

@@ -78,9 +78,10 @@ def validate(cfg: dict) -> None:
         raise C.ConfigError(f"analysis.ncjsd_split: expected train or test, got {cfg['analysis']['ncjsd_split']!r}")
     if cfg["analysis"]["js_variant"] not in ("textbook", "reference"):
         raise C.ConfigError(f"analysis.js_variant: expected textbook or reference, got {cfg['analysis']['js_variant']!r}")
-    if cfg["train"]["engine"] not in fastfit.ENGINES:
-        raise C.ConfigError(f"train.engine: expected one of {', '.join(fastfit.ENGINES)}, got {cfg['train']['engine']!r}")
-    if cfg["train"]["engine"] == "native" and native.unavailable():
+    engine = cfg["train"]["engine"]
+    if engine not in fastfit.ENGINES:
+        raise C.ConfigError(f"train.engine: expected one of {', '.join(fastfit.ENGINES)}, got {engine!r}")
+    if engine == "native" and native.unavailable():
         raise C.ConfigError(f"train.engine: native, but {native.unavailable()}")
     if cfg["threads"] < 0:
         raise C.ConfigError(f"threads must be ≥ 0 (0 = torch's default), got {cfg['threads']}")

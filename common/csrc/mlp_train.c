@@ -7,11 +7,11 @@
  *
  * Why a kernel: the synthetic experiments train hundreds of 50-16-16-4 MLPs on 6000 samples, and through torch each
  * epoch is ~25 small ops whose (16, 6000) intermediates and the (50, 6000) input fall out of L2 between ops. Here one
- * tile of T samples goes forward, through the loss's gradient and backward while it sits in L1, and the weight
- * gradients accumulate over the tiles. The hidden activations are sample-major with the units padded to a multiple
- * of the vector width V (padded units have zero weights and bias, stay exactly zero and receive zero gradient), so
- * every product is a broadcast-FMA on V units and no reduction crosses vector lanes. Logits are transposed to
- * class-major tiles for the loss, which is vectorised over samples.
+ * tile of T samples goes forward, through the loss's gradient and backward while it is in L1 / L2 (~40 KB), and the
+ * weight gradients accumulate over the tiles. The hidden activations are sample-major with the units padded to a
+ * multiple of the vector width V (padded units have zero weights and bias, stay exactly zero and receive zero
+ * gradient), so every product is a broadcast-FMA on V units and no reduction crosses vector lanes. Logits are
+ * transposed to class-major tiles for the loss, which is vectorised over samples.
  *
  * Semantics are those of autograd + torch.optim.SGD (momentum, no dampening, no weight decay) on the loss summed
  * over models, each model's loss the mean over the n samples; only the order of float additions differs.
@@ -533,7 +533,11 @@ int cmkd_train(int n_models, const int *n_layers, const int *dims, float *const 
     }
     Loss loss = {loss_kind, n_classes, 1.0f, 0.0f, 1.0f, 0.0f};
     if (loss_kind == LOSS_CE) loss.ce_weight = params[0];
-    if (loss_kind == LOSS_CE_KL) { loss.ce_weight = params[0]; loss.kl_scale = params[1]; loss.inv_temperature = params[2]; }
+    if (loss_kind == LOSS_CE_KL) {
+        loss.ce_weight = params[0];
+        loss.kl_scale = params[1];
+        loss.inv_temperature = params[2];
+    }
     if (joint) loss.weight = params[0];
 
     int tiles = (n + T - 1) / T, status = OK;

@@ -11,7 +11,6 @@ from common.divergence import nontarget_js
 from common.kd import build_objective
 from common.saliency import joint_train
 from common.vectorized import BatchedLinear, batched_mlp, cross_entropy_sum
-from common.vectorized import fit as autograd_fit
 
 # only a machine without a C compiler skips: where one exists, a kernel that does not build fails these tests
 pytestmark = pytest.mark.skipif(native._compiler() is None, reason="no C compiler")
