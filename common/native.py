@@ -186,8 +186,11 @@ def unsupported(stacks, inputs, grad) -> str | None:
         return f"more than {MAX_LAYERS} layers"
     if not 2 <= grad.n_classes <= MAX_CLASSES or any(layers[-1].out_features != grad.n_classes for layers in stacks):
         return f"the native engine takes 2..{MAX_CLASSES} classes, as many as the models' outputs"
-    if any(x.shape[-1] != grad.labels.shape[-1] for x in inputs) or inputs[0].shape[-1] >= 2 ** 31:
-        return "inputs and labels disagree on the number of samples"
+    runs, n = inputs[0].shape[0], inputs[0].shape[-1]
+    if (any(x.dim() != 3 or x.shape[0] != runs or x.shape[2] != n or x.shape[1] != layers[0].in_features
+            for x, layers in zip(inputs, stacks)) or tuple(grad.labels.shape) != (runs, n) or n >= 2 ** 31
+            or grad.teacher_probs is not None and tuple(grad.teacher_probs.shape) != (runs, grad.n_classes, n)):
+        return "the inputs, labels and teacher probabilities are not (R, D, N), (R, N) and (R, C, N) of these models"
     return _reason if load() is None else None
 
 

@@ -213,3 +213,13 @@ def test_build_is_cached_by_source_and_a_failed_build_falls_back(tmp_path, monke
     finally:
         monkeypatch.undo()
         native._reset()
+
+
+def test_mismatched_shapes_are_refused_not_read_out_of_bounds():
+    x, _, y, _ = data((6, 3), 40, seed=6)
+    m = BatchedLinear(5, 3, runs=3, seeds=[1, 2, 3])   # expects 5 inputs, gets 6
+    with pytest.raises(ValueError, match=r"\(R, D, N\)"):
+        fastfit.fit([m], [x], labels=y, epochs=1, lr=0.1, engine="native")
+    ok = BatchedLinear(6, 3, runs=3, seeds=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"\(R, N\)"):
+        fastfit.fit([ok], [x], grad_fn=fastfit.ce_grad(y[:, :30], 3), epochs=1, lr=0.1, engine="native")
