@@ -37,6 +37,16 @@ from common.vectorized import BatchedLinear
 ENGINES = ("auto", "native", "torch")
 
 
+def engine_problem(engine: str) -> str | None:
+    """What is wrong with `engine` as a config value (None: nothing): not one of ENGINES, or "native" where the
+    kernel cannot be built or loaded (the experiments' config checks turn this into their one-line error)."""
+    if engine not in ENGINES:
+        return f"expected one of {', '.join(ENGINES)}, got {engine!r}"
+    if engine == "native" and native.unavailable():
+        return f"native, but {native.unavailable()}"
+    return None
+
+
 def linear_layers(model: nn.Module) -> list[BatchedLinear]:
     """The BatchedLinear layers of a Linear, ReLU, ..., Linear stack (what `fit` knows how to differentiate)."""
     mods = list(model.children()) if isinstance(model, nn.Sequential) else [model]

@@ -82,10 +82,8 @@ def check(cfg: dict) -> None:
     for key in ("n_train", "n_test", "x1_dim", "x2_dim", "xs2_dim"):
         need(d[key] >= 1, f"data.{key} must be ≥ 1, got {d[key]}")
     need(cfg["train"]["epochs"] >= 1 and cfg["train"]["lr"] > 0, "train.epochs must be ≥ 1 and train.lr > 0")
-    need(cfg["train"]["engine"] in fastfit.ENGINES,
-         f"train.engine: expected one of {', '.join(fastfit.ENGINES)}, got {cfg['train']['engine']!r}")
-    if cfg["train"]["engine"] == "native":
-        need(not native.unavailable(), f"train.engine: native, but {native.unavailable()}")
+    problem = fastfit.engine_problem(cfg["train"]["engine"])
+    need(problem is None, f"train.engine: {problem}")
     need(cfg["threads"] >= 0, f"threads must be ≥ 0 (0 = torch's default), got {cfg['threads']}")
     need(cfg["workers"] >= 1, f"workers must be ≥ 1 (processes the runs are split over), got {cfg['workers']}")
     need(cfg["workers"] == 1 or cfg["data"]["generator"] != "modify_gamma",

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from common import divergence as D
-from common import native, parallel
+from common import parallel
 from common.fastfit import fit, fit_objective, joint_ncjsd_grad
 from common.kd import method_objective
 from common.metrics import spearman_summary
@@ -208,8 +208,7 @@ def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
     cpu = time.process_time() - cpu_started
     if workers > 1:   # the workers' CPU time is not this process's
         cpu += sum(block["cpu_timings"].values())
-    return {**summarize(cfg, block, time.perf_counter() - started, cpu, log, workers),
-            "trainer": native.describe(cfg["train"]["engine"], device)}
+    return summarize(cfg, block, time.perf_counter() - started, cpu, log, workers)
 
 
 def sweep_block(cfg: dict, first_run: int = 0, device: torch.device | str = "cpu", log=None) -> dict:

@@ -78,11 +78,9 @@ def validate(cfg: dict) -> None:
         raise C.ConfigError(f"analysis.ncjsd_split: expected train or test, got {cfg['analysis']['ncjsd_split']!r}")
     if cfg["analysis"]["js_variant"] not in ("textbook", "reference"):
         raise C.ConfigError(f"analysis.js_variant: expected textbook or reference, got {cfg['analysis']['js_variant']!r}")
-    engine = cfg["train"]["engine"]
-    if engine not in fastfit.ENGINES:
-        raise C.ConfigError(f"train.engine: expected one of {', '.join(fastfit.ENGINES)}, got {engine!r}")
-    if engine == "native" and native.unavailable():
-        raise C.ConfigError(f"train.engine: native, but {native.unavailable()}")
+    problem = fastfit.engine_problem(cfg["train"]["engine"])
+    if problem:
+        raise C.ConfigError(f"train.engine: {problem}")
     if cfg["threads"] < 0:
         raise C.ConfigError(f"threads must be ≥ 0 (0 = torch's default), got {cfg['threads']}")
     if cfg["workers"] < 1:
@@ -101,8 +99,10 @@ def run(cfg: dict, out: str | Path, device: str = "auto") -> tuple[RunDir, dict]
     seed_everything(cfg["seed"], cfg["deterministic"])
     rd = RunDir.create(out, cfg["name"], config=cfg, code_from=HERE)
     rd.log(f"run directory {rd.path}")
-    rd.log(f"trainer: {native.describe(cfg['train']['engine'], dev)}")
-    results = experiment.run_sweep(cfg, dev, log=rd.log)
+    # described (and the kernel loaded) here, before run_sweep forks its workers
+    trainer = native.describe(cfg["train"]["engine"], dev)
+    rd.log(f"trainer: {trainer}")
+    results = {**experiment.run_sweep(cfg, dev, log=rd.log), "trainer": trainer}
     rd.write_csv("summary.csv", results["rows"], experiment.CSV_COLUMNS)
     plots = report.plot(results, rd.path)
     sal = results["saliency"]

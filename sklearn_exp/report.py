@@ -100,7 +100,7 @@ def section(results: dict, run_dir: Path, rel_to: Path) -> str:
              f"Algorithm 1 in mode `{mode}` keeps {k} teacher columns); the whole sweep took "
              f"{results['seconds']:.1f} s wall-clock ({results['cpu_seconds']:.1f} s of CPU time, "
              f"{results.get('workers', 1)} process(es) × {results['threads']} torch thread(s), on a machine shared "
-             f"with other jobs; trainer: {results.get('trainer', 'torch')}). Run directory: "
+             f"with other jobs; trainer: {results['trainer']}). Run directory: "
              f"`{Path(run_dir).relative_to(rel_to.parent).as_posix()}`.",
              "", markdown_table(results["rows"], k), "",
              f"![accuracy vs gamma]({rel('accuracy_vs_gamma.png')})", ""]

@@ -204,6 +204,7 @@ def test_parity_swaps_the_regular_kd_inputs(tmp_path):
     (["--preset", "mfh_modify_gamma", "--set", "modify.modes=[alg2]"], "modify.modes"),
     (["--preset", "mfh_modify_gamma", "--set", "modify.alg1.distance=ncjsd"], "identically 0"),
     (["--preset", "mfh_modify_gamma", "--set", "modify.alg1.engine=fast"], "modify.alg1.engine"),
+    (["--preset", "mfh_gamma", "--set", "train.engine=fast"], "train.engine: expected one of auto, native, torch"),
     (["--preset", "mfh_alpha", "--set", "data.exclusive_dims=[45]"], "exclusive dims"),
     (["--preset", "mfh_modify_gamma", "--set", "data.xs2_dims=[45]"], "xs2_dim 45 does not fit"),
     (["--preset", "mfh_gamma", "--set", "data.generator=gamma"], "data.generator"),
