@@ -8,6 +8,21 @@ names its source (file path, "--set" or the flag) and says what was expected, so
 Type rules (the default value decides): None accepts anything; bool only bool; int only int (not bool); float int or
 float (stored as float); str only str; list any list; dict a mapping, merged key by key.
 
+Declared checks. A defaults YAML may carry a top-level `_checks` mapping from dotted keys (`*` matches any one
+component, for open mappings) to a rule; a value is checked in the layer that sets it, so the error names that layer:
+
+    _checks:
+      train.lr: "(0, 10]"              # an interval: ( ) open, [ ] closed, inf allowed as a bound
+      train.epochs: "[1, inf)"
+      loss.mask: [none, omega]          # the allowed choices (a list value is checked element by element)
+      loss.terms.*.temperature: "(0, inf)"
+
+Floats must be finite everywhere (NaN never, ±inf only where an interval's closed bound says so). The `_checks`
+mapping itself never appears in a resolved config.
+
+Numbers. YAML files and --set values are read with YAML 1.2's float syntax, so `1e-3`, `1e6` and `3.0E+2` are
+floats (PyYAML's YAML 1.1 reads them as text).
+
 Open mappings. Some mappings have user-chosen keys (e.g. `loss.terms`, keyed by loss name). A default that is an
 empty mapping `{}`, or a mapping containing `_open: true`, accepts any keys and values without checks; overrides
 are still deep-merged into it. The `_open` marker itself never appears in a resolved config:
@@ -19,7 +34,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fnmatch
+import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,6 +46,7 @@ import torch
 import yaml
 
 OPEN_KEY = "_open"
+CHECKS_KEY = "_checks"
 
 
 class UserError(Exception):
@@ -45,17 +64,42 @@ class DataError(UserError):
 # ----------------------------------------------------------------------------------------------------------------
 # YAML files
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2's float syntax: `1e-3` is a float, not the string '1e-3'."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _first in list(_Loader.yaml_implicit_resolvers):
+    _Loader.yaml_implicit_resolvers[_first] = [(tag, rx) for tag, rx in _Loader.yaml_implicit_resolvers[_first]
+                                              if tag != "tag:yaml.org,2002:float"]
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_loads(text: str) -> Any:
+    """yaml.safe_load with YAML 1.2 floats (see the module docstring)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
     """Read a YAML mapping. An empty file reads as {}."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); expected a YAML file") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml_loads(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({_short_yaml_reason(e)})") from None
     if data is None:
@@ -80,6 +124,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file 0600; give it the mode open() would (0666 less the umask), like the logs and plots.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -89,6 +135,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def save_yaml(cfg: dict, path: str | os.PathLike) -> None:
@@ -105,9 +157,9 @@ def _is_open(schema: dict) -> bool:
 
 
 def _strip_open(d: Any) -> Any:
-    """Deep copy of `d` without the `_open` markers."""
+    """Deep copy of `d` without the `_open` markers (and the top-level `_checks`)."""
     if isinstance(d, dict):
-        return {k: _strip_open(v) for k, v in d.items() if k != OPEN_KEY}
+        return {k: _strip_open(v) for k, v in d.items() if k not in (OPEN_KEY, CHECKS_KEY)}
     return copy.deepcopy(d)
 
 
@@ -117,6 +169,73 @@ def _deep_update(base: dict, override: dict) -> dict:
     for k, v in override.items():
         out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
+
+
+_INTERVAL = re.compile(r"^\s*([\[(])\s*([^,]+?)\s*,\s*([^,]+?)\s*([\])])\s*$")
+
+
+def _bound(text: str, rule: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"_checks: malformed interval {rule!r} (expected e.g. '(0, inf)' or '[1, 10]')") from None
+
+
+def _check_rule(rule: Any, value: Any, key: str, source: str) -> None:
+    """Raise ConfigError if `value` breaks the declared `rule` (a list of choices or an interval string)."""
+    if isinstance(value, list) and not (isinstance(rule, list) and value in rule):
+        for item in value:
+            _check_rule(rule, item, key, source)
+        return
+    if isinstance(rule, list):
+        if value not in rule:
+            raise ConfigError(f"{source}: key '{key}' must be one of {', '.join(map(str, rule))}; got {value!r}")
+        return
+    m = _INTERVAL.match(str(rule))
+    if not m:
+        raise ValueError(f"_checks: rule for '{key}' must be a list of choices or an interval, got {rule!r}")
+    lo_br, lo, hi, hi_br = m.group(1), _bound(m.group(2), rule), _bound(m.group(3), rule), m.group(4)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{source}: key '{key}' expects a number in {rule}, got {value!r}")
+    inside = (value > lo or (lo_br == "[" and value == lo)) and (value < hi or (hi_br == "]" and value == hi))
+    if not inside:
+        raise ConfigError(f"{source}: key '{key}' expects a value in {rule.strip()}, got {value!r}")
+
+
+def _finite(value: Any, key: str, source: str, rule: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        if math.isnan(value) or rule is None or isinstance(rule, list) or str(rule).count("inf") == 0:
+            raise ConfigError(f"{source}: key '{key}' must be a finite number, got {value!r}")
+    elif isinstance(value, list):
+        for item in value:
+            _finite(item, key, source, rule)
+
+
+def _rule_for(checks: dict, key: str) -> Any:
+    """The declared rule for dotted `key` (exact match first, then `*` patterns), or None."""
+    if key in checks:
+        return checks[key]
+    parts = key.split(".")
+    for pattern, rule in checks.items():
+        pat = pattern.split(".")
+        if len(pat) == len(parts) and all(a == b or (a == "*" and b) or fnmatch.fnmatchcase(b, a)
+                                          for a, b in zip(pat, parts)):
+            return rule
+    return None
+
+
+def _validate_leaf(checks: dict, key: str, value: Any, source: str) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k != OPEN_KEY:
+                _validate_leaf(checks, f"{key}.{k}", v, source)
+        return
+    rule = _rule_for(checks, key)
+    _finite(value, key, source, rule)
+    if rule is not None:
+        _check_rule(rule, value, key, source)
 
 
 _TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "str", list: "list", dict: "a mapping"}
@@ -142,24 +261,32 @@ def _check_type(default: Any, value: Any, key: str, source: str) -> Any:
     return copy.deepcopy(value)
 
 
-def _apply(schema: dict, base: dict, override: dict, source: str, prefix: str = "") -> dict:
-    """Merge `override` into `base` (the current values), validating its keys and types against `schema`."""
+def _apply(schema: dict, base: dict, override: dict, source: str, prefix: str = "", checks: dict | None = None) -> dict:
+    """Merge `override` into `base` (the current values), validating its keys, types and declared checks against
+    `schema` (the defaults; its top-level `_checks` are the checks)."""
+    if checks is None:
+        checks = schema.get(CHECKS_KEY) or {}
+        if not isinstance(checks, dict):
+            raise ValueError(f"_checks must be a mapping of dotted keys to rules, got {type(checks).__name__}")
     if _is_open(schema):
+        for k, v in override.items():
+            _validate_leaf(checks, f"{prefix}{k}", v, source)
         return _deep_update(base, override)
     out = dict(base)
     for k, v in override.items():
         key = f"{prefix}{k}"
-        if k not in schema or k == OPEN_KEY:
-            valid = ", ".join(str(s) for s in schema if s != OPEN_KEY)
+        if k not in schema or k in (OPEN_KEY, CHECKS_KEY):
+            valid = ", ".join(str(s) for s in schema if s not in (OPEN_KEY, CHECKS_KEY))
             where = f"valid keys under '{prefix[:-1]}'" if prefix else "valid top-level keys"
             raise ConfigError(f"{source}: unknown key '{key}'; {where}: {valid}")
         default = schema[k]
         if isinstance(default, dict):
             if not isinstance(v, dict):
                 raise ConfigError(f"{source}: key '{key}' expects a mapping, got {v!r}")
-            out[k] = _apply(default, base.get(k) or {}, v, source, prefix=f"{key}.")
+            out[k] = _apply(default, base.get(k) or {}, v, source, prefix=f"{key}.", checks=checks)
         else:
             out[k] = _check_type(default, v, key, source)
+            _validate_leaf(checks, key, out[k], source)
     return out
 
 
@@ -198,7 +325,7 @@ def parse_set(items: list[str]) -> dict:
             raise ConfigError(f"--set: malformed item {item!r} (expected KEY=VALUE, e.g. optim.lr=0.1)")
         parts = _split_key(key.strip(), f"--set {item!r}")
         try:
-            value = yaml.safe_load(raw)
+            value = yaml_loads(raw)
         except yaml.YAMLError:
             value = raw  # e.g. "name=[draft" -- not YAML, so take the text as typed
         node = out
@@ -274,7 +401,8 @@ def resolve(defaults_path: str | os.PathLike, args: argparse.Namespace, flags: d
     Every layer is validated against the defaults; errors name the layer's file, "--set" or the flag.
     """
     defaults = load_yaml(defaults_path)
-    cfg = _strip_open(defaults)
+    # the defaults obey their own declared checks (a wrong declaration shows up at once, naming the file)
+    cfg = _apply(defaults, {}, _strip_open(defaults), str(defaults_path))
     files = [Path(p) for p in layers] + ([Path(args.config)] if getattr(args, "config", None) else [])
     for path in files:
         cfg = _apply(defaults, cfg, load_yaml(path), str(path))

@@ -67,6 +67,7 @@ class Objective(nn.Module):
         if not terms:
             raise ValueError("loss.terms is empty: name at least one term (e.g. ce: {weight: 1.0})")
         self.mask, self.omega_cfg, self.runs = mask, dict(omega or {}), runs
+        self.last_omega = None
         self.weights: dict[str, float] = {}
         self.inputs: dict[str, str] = {}
         self.terms = nn.ModuleDict()
@@ -91,6 +92,8 @@ class Objective(nn.Module):
         w = None
         if self.mask == "omega":
             w = self.omega(_pick(student_out, "logits"), _pick(teacher_out, "logits"), labels)
+        # the trainer's ω statistics (common.train.EpochLog.add_omega) read the last step's ω; None without a mask
+        self.last_omega = None if w is None else w.detach()
         total, parts = 0.0, {}
         for name, term in self.terms.items():
             key = self.inputs[name]
