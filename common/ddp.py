@@ -12,6 +12,7 @@ experiments call them unconditionally.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -98,18 +99,76 @@ def barrier() -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Collectives: all return new values and are identities in a single process.
-# With nccl the tensors must live on this rank's GPU.
+# NCCL accepts only tensors on this rank's GPU, gloo only CPU tensors: every reduction here moves its input to the
+# process group's device and the result back, so a trainer may reduce whatever it accumulated, wherever it lives.
+
+def collective_device() -> torch.device:
+    """The device the process group's collectives need: this rank's GPU for nccl, the CPU otherwise."""
+    if _initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def to_collective_device(t: torch.Tensor) -> torch.Tensor:
+    """A detached copy of `t` on the process group's device, ready for a collective."""
+    return t.detach().to(collective_device(), copy=True)
+
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    out = t.detach().clone()
-    if _initialized() and world_size() > 1:
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    if not (_initialized() and world_size() > 1):
+        return t.detach().clone()
+    out = to_collective_device(t)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.device)
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks / world size (true division, so integer tensors come back as float)."""
     return all_reduce_sum(t) / world_size()
+
+
+@contextlib.contextmanager
+def device_rule_check(backend: str = "nccl"):
+    """For tests on machines without a GPU: make torch.distributed's tensor collectives enforce `backend`'s device
+    rule while the real collective runs over gloo underneath.
+
+    gloo: every tensor must be on the CPU. nccl: every tensor must be on the group's GPU; with no GPU here, "on the
+    group's device" means "moved there by `to_collective_device`" (which, inside this context, marks the CPU copy it
+    makes), so a caller that hands a collective a tensor it did not move — the CPU loss sums NCCL rejects — fails as
+    it would on GPUs."""
+    names = ("all_reduce", "all_gather", "broadcast", "reduce", "all_gather_into_tensor", "reduce_scatter_tensor")
+    originals = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
+    mover = globals()["to_collective_device"]
+
+    def ok(x: torch.Tensor) -> bool:
+        if backend == "nccl":
+            return x.device.type == "cuda" or getattr(x, "_cmkd_group_device", False)
+        return x.device.type == "cpu"
+
+    def guarded(name, fn):
+        def call(tensor, *args, **kwargs):
+            for x in [*(tensor if isinstance(tensor, (list, tuple)) else [tensor]), *args]:
+                if torch.is_tensor(x) and not ok(x):
+                    raise RuntimeError(f"{backend}: {name} got a tensor on {x.device} that was not moved to the "
+                                       f"process group's device ({backend} rejects it)")
+            return fn(tensor, *args, **kwargs)
+        return call
+
+    def marking_mover(t: torch.Tensor) -> torch.Tensor:
+        out = t.detach().to("cpu", copy=True)
+        out._cmkd_group_device = True
+        return out
+
+    for n, fn in originals.items():
+        setattr(dist, n, guarded(n, fn))
+    if backend == "nccl":
+        globals()["to_collective_device"] = marking_mover
+    try:
+        yield
+    finally:
+        for n, fn in originals.items():
+            setattr(dist, n, fn)
+        globals()["to_collective_device"] = mover
 
 
 def all_gather_object(obj: Any) -> list:

@@ -11,6 +11,8 @@ A run directory holds everything one invocation produced and is never reused:
 from __future__ import annotations
 
 import csv
+import errno
+import fcntl
 import io
 import json
 import logging
@@ -27,7 +29,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from common.config import DataError, UserError, atomic_write, save_yaml
+from common.config import ConfigError, DataError, UserError, atomic_write, save_yaml
 from common.ddp import unwrap
 
 
@@ -204,6 +206,7 @@ class RunDir:
         self.log_dir = self.path / "log"
         self._writer = None
         self._handlers: list[logging.Handler] = []
+        self._lock_fd: int | None = None
         if not enabled:
             self.logger = logging.Logger(f"run.{self.path.name}")  # unregistered, and silenced
             self.logger.disabled = True
@@ -230,15 +233,19 @@ class RunDir:
         base = Path(out_root) / f"{name}_{timestamp}"
         if not enabled:
             return cls(base, enabled=False)
-        base.parent.mkdir(parents=True, exist_ok=True)
         path, i = base, 0
-        while True:
-            try:
-                path.mkdir()  # atomic: of two runs started in the same second, exactly one gets each name
-                break
-            except FileExistsError:
-                i += 1
-                path = base.with_name(f"{base.name}_{i}")
+        try:
+            base.parent.mkdir(parents=True, exist_ok=True)
+            while True:
+                try:
+                    path.mkdir()  # atomic: of two runs started in the same second, exactly one gets each name
+                    break
+                except FileExistsError:
+                    i += 1
+                    path = base.with_name(f"{base.name}_{i}")
+        except OSError as e:  # (a name already taken is handled above: this is --out itself)
+            raise ConfigError(f"--out {out_root}: cannot create the run directory there ({e.strerror or e})") \
+                from None
         run = cls(path)
         if code_from is not None:
             # Outputs may live under the code folder (--out results): copy neither them nor earlier runs.
@@ -303,7 +310,30 @@ class RunDir:
         atomic_write_text(path, buf.getvalue())
         return path
 
+    def lock(self) -> "RunDir":
+        """Hold an exclusive lock on this run directory until close() or the process ends (the kernel drops it
+        even on kill -9). A second process resuming the same run gets a one-line error instead of writing beside
+        the first."""
+        if not self.enabled or self._lock_fd is not None:
+            return self
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise DataError(f"{self.path}: run directory is in use by another process; wait for it to end") \
+                    from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+        return self
+
     def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
         if self._writer is not None:
             self._writer.close()
         for h in self._handlers:
@@ -329,6 +359,30 @@ class RunDir:
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r}{'' if self.enabled else ', enabled=False'})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generated data
+
+GENERATED_MARKER = ".cmkd-generated"
+
+
+def generator_dir(path: str | os.PathLike, what: str = "demo data") -> Path:
+    """The directory a data generator (a --demo, a synthetic dataset) may write into: `path` if it is new or empty
+    (it is then created and marked as generated), or if an earlier generator run marked it. A directory holding
+    anything else is refused with a one-line DataError, so a generator never rewrites a real dataset."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"refusing to write {what} into {path}: it is a file, not a directory")
+    if path.is_dir() and not (path / GENERATED_MARKER).is_file() and any(path.iterdir()):
+        raise DataError(f"refusing to write {what} into {path}: it holds files this generator did not create "
+                        f"(choose a new or empty directory)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / GENERATED_MARKER).write_text(f"written by a generator of this project: {what}\n")
+    except OSError as e:
+        raise DataError(f"{path}: cannot write {what} there ({e.strerror or e})") from None
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------

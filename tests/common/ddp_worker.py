@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset  # no
 
 from common import ddp  # noqa: E402
 from common.metrics import ConfusionMatrix  # noqa: E402
+from common.train import EpochLog  # noqa: E402
 
 
 def main(out_path: str) -> None:
@@ -73,6 +74,21 @@ def main(out_path: str) -> None:
     local = cm.mat.tolist()
     cm.all_reduce()
 
+    # NCCL's device rule, checked on CPU: the shared reductions move their tensors to the group's device; a direct
+    # all_reduce of a CPU tensor (what NCCL rejects) is caught.
+    with ddp.device_rule_check("nccl"):
+        nccl_sum = ddp.all_reduce_sum(torch.tensor([env.rank + 1.0])).item()
+        log = EpochLog(None, "t")
+        log.add({"ce": torch.tensor(2.0 * (env.rank + 1))})
+        log.add_omega(torch.tensor([1.0, 0.5]) if env.rank == 0 else torch.tensor([1.0, 1.0]))
+        nccl_record = log.end_epoch(1)
+        cm_nccl = ConfusionMatrix(3, ignore_index=255).update(pred, target).all_reduce().mat.tolist()
+        try:
+            torch.distributed.all_reduce(torch.tensor([1.0]))
+            raw_cpu_rejected = False
+        except RuntimeError:
+            raw_cpu_rejected = True
+
     token = ddp.broadcast_object({"from": env.rank})
     gathered_ranks = ddp.all_gather_object(env.rank)
     ddp.barrier()
@@ -81,7 +97,8 @@ def main(out_path: str) -> None:
                   "params_equal": all_params[0] == all_params[1], "matches_reference": matches_reference,
                   "shards_disjoint": not set(all_indices[0]) & set(all_indices[1]),
                   "confusion_local0": local, "confusion": cm.mat.tolist(), "miou": cm.mean_iou(),
-                  "gathered_ranks": gathered_ranks, "broadcast": token}
+                  "gathered_ranks": gathered_ranks, "broadcast": token, "nccl_sum": nccl_sum,
+                  "nccl_record": nccl_record, "nccl_confusion": cm_nccl, "raw_cpu_rejected": raw_cpu_rejected}
         Path(out_path).write_text(json.dumps(result))
     ddp.destroy()
 

@@ -31,6 +31,10 @@ def test_two_process_gloo(tmp_path):
     # rank 0: pred [0,1,1,2] vs target [0,1,2,2]; rank 1: pred [1,1,2,0] vs the same target; target 255 ignored.
     assert r["confusion_local0"] == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
     assert r["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 1, 2]]
+    # under NCCL's device rule: the shared reductions pass, a raw CPU all_reduce is rejected
+    assert r["nccl_sum"] == 3.0 and r["nccl_confusion"] == r["confusion"] and r["raw_cpu_rejected"]
+    assert r["nccl_record"]["train_ce"] == 3.0  # (2 + 4) / 2 steps
+    assert r["nccl_record"]["omega_mean"] == 3.5 / 4 and r["nccl_record"]["omega_masked_share"] == 0.25
 
 
 def test_single_process_fallbacks():
