@@ -169,3 +169,82 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="^--device cuda requested but CUDA is not available$"):
             resolve_device("cuda")
+
+
+CHECKED = """
+train: {lr: 0.1, epochs: 3, engine: auto, steps: [1, 2]}
+loss: {terms: {_open: true, kl: {temperature: 1.0}}, mask: none}
+_checks:
+  train.lr: "(0, 10]"
+  train.epochs: "[1, inf)"
+  train.engine: [auto, native, torch]
+  train.steps: "[0, inf)"
+  loss.mask: [none, omega]
+  loss.terms.*.temperature: "(0, inf)"
+"""
+
+
+def _resolve_checked(tmp_path, *sets, config=None):
+    import argparse
+    defaults = _write(tmp_path / "defaults.yaml", CHECKED)
+    return resolve(defaults, argparse.Namespace(config=config, set=list(sets)))
+
+
+@pytest.mark.parametrize("item, message", [
+    ("train.lr=-1", "--set: key 'train.lr' expects a value in (0, 10], got -1.0"),
+    ("train.lr=.nan", "--set: key 'train.lr' must be a finite number, got nan"),
+    ("train.lr=.inf", "--set: key 'train.lr' must be a finite number, got inf"),
+    ("train.lr=1e3", "--set: key 'train.lr' expects a value in (0, 10], got 1000.0"),
+    ("train.epochs=0", "--set: key 'train.epochs' expects a value in [1, inf), got 0"),
+    ("train.engine=gpu", "--set: key 'train.engine' must be one of auto, native, torch; got 'gpu'"),
+    ("train.steps=[1, -2]", "--set: key 'train.steps' expects a value in [0, inf), got -2"),
+    ("loss.terms.dkd={temperature: 0}", "--set: key 'loss.terms.dkd.temperature' expects a value in (0, inf), got 0"),
+])
+def test_declared_checks_one_line_naming_layer_and_key(tmp_path, item, message):
+    with pytest.raises(ConfigError) as e:
+        _resolve_checked(tmp_path, item)
+    assert str(e.value) == message
+
+
+def test_declared_checks_in_a_file_name_the_file(tmp_path):
+    user = _write(tmp_path / "mine.yaml", "loss: {mask: omegaa}\n")
+    with pytest.raises(ConfigError, match=f"^{user}: key 'loss.mask' must be one of none, omega; got 'omegaa'$"):
+        _resolve_checked(tmp_path, config=str(user))
+    cfg = _resolve_checked(tmp_path, "loss.mask=omega", "loss.terms.kl.temperature=4")
+    assert cfg["loss"]["mask"] == "omega" and "_checks" not in cfg
+
+
+def test_defaults_obey_their_checks(tmp_path):
+    import argparse
+    bad = _write(tmp_path / "bad.yaml", "a: 0\n_checks: {a: '[1, 2]'}\n")
+    with pytest.raises(ConfigError, match=f"^{bad}: key 'a' expects a value in"):
+        resolve(bad, argparse.Namespace(config=None, set=[]))
+
+
+def test_scientific_notation_is_a_float_everywhere(tmp_path):
+    user = _write(tmp_path / "mine.yaml", "train: {lr: 1e-3}\n")
+    assert _resolve_checked(tmp_path, config=str(user))["train"]["lr"] == 1e-3
+    assert _resolve_checked(tmp_path, "train.lr=5E-1")["train"]["lr"] == 0.5
+    assert parse_set(["a=1e6", "b=1.5e+2", "c=1_000", "d='1e3'", "e=1.0.0"]) == \
+        {"a": 1e6, "b": 150.0, "c": 1000, "d": "1e3", "e": "1.0.0"}
+
+
+def test_non_utf8_yaml_is_one_line(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("a: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=f"^{bad}: not UTF-8 text"):
+        load_yaml(bad)
+
+
+def test_atomic_write_respects_umask(tmp_path):
+    import os
+    from common.config import atomic_write
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "r.json", lambda f: f.write("{}"))
+        assert (os.stat(tmp_path / "r.json").st_mode & 0o777) == 0o644
+        os.umask(0o077)
+        atomic_write(tmp_path / "s.json", lambda f: f.write("{}"))
+        assert (os.stat(tmp_path / "s.json").st_mode & 0o777) == 0o600
+    finally:
+        os.umask(old)
