@@ -4,7 +4,7 @@ VENV    ?= .venv
 PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup test reproduce bench clean
+.PHONY: setup test reproduce bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,12 @@ reproduce: setup
 	$(PYTHON) reproduce.py
 
 bench: setup
-	for b in bench/*.py; do $(PYTHON) $$b || exit 1; done
+	for b in bench/*.py; do [ $$b = bench/gpu_check.py ] || $(PYTHON) $$b || exit 1; done
+
+# On one CUDA GPU, <= 5 minutes: tiny semantic_kitti and nyu_ssc runs through torchrun + NCCL, AMP bf16,
+# channels_last, and the GPU benchmarks; one JSON line per check. Without CUDA it says so and exits 0.
+gpu-check: setup
+	$(PYTHON) bench/gpu_check.py
 
 clean:
 	rm -rf results .pytest_cache
