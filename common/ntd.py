@@ -19,15 +19,20 @@ with the same number of rows keep the same rows. Call it on one process only (DD
 """
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from common.config import DataError, atomic_write
+from common.config import ConfigError, DataError, atomic_write
+from common.divergence import JS_VARIANTS, nontarget_js, target_js
+from common.mask import omega
 
 FORMAT_VERSION = 1
 ROLES = ("teacher", "probe")
@@ -190,7 +195,18 @@ def _pick(arrays: dict, path: Path, key: str) -> Any:
     raise DataError(f"{path}: expected an array named {key!r}, found {sorted(arrays)}")
 
 
+def _check_magic(path: Path, suffix: str) -> None:
+    """numpy's own message for a non-numpy file talks about pickles; say what the file is not instead."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if suffix == ".npy" and head != b"\x93NUMPY":
+        raise DataError(f"{path}: not a .npy file (no NumPy header)")
+    if suffix == ".npz" and head[:2] != b"PK":
+        raise DataError(f"{path}: not a .npz file (not a zip archive)")
+
+
 def _read_raw(path: Path, suffix: str):
+    _check_magic(path, suffix)
     if suffix == ".npy":
         return np.load(path, allow_pickle=False), None, {}
     if suffix == ".npz":
@@ -216,6 +232,7 @@ def read_labels(path: str | Path, n: int, classes: int) -> np.ndarray:
     if suffix not in (".npy", ".npz", ".pt", ".pth"):
         raise DataError(f"{path}: expected a .npy, .npz or .pt labels file")
     try:
+        _check_magic(path, suffix)
         if suffix == ".npy":
             y = np.load(path, allow_pickle=False)
         elif suffix == ".npz":
@@ -231,15 +248,444 @@ def read_labels(path: str | Path, n: int, classes: int) -> np.ndarray:
     return check_labels(y, n, classes, f"{path}: labels")
 
 
-def load_logits(path_or_run_dir: str | Path, role: str = "teacher", tag: str | None = None) -> Logits:
-    """Read a logits file: a file path as is, or a run directory's `ntd/<role>[_<tag>].npz` (also accepted: the
-    `ntd` folder itself). Validated on read (shape, finite values, labels in range)."""
+def resolve_logits(path_or_run_dir: str | Path, role: str = "teacher", tag: str | None = None) -> Path:
+    """The file `load_logits` reads: a file path as is, else the run directory's `ntd/<role>[_<tag>].npz` (or that
+    name inside the directory, when the directory is the `ntd` folder itself)."""
     p = Path(path_or_run_dir)
-    if p.is_dir():
-        inside = logits_path(p, role, tag)
-        direct = p / inside.name
-        p = direct if not inside.exists() and direct.exists() else inside
-        if not p.is_file():
-            raise DataError(f"{p}: {role} logits not found (expected {inside.relative_to(path_or_run_dir)} "
-                            f"written by common.ntd.save_logits)")
-    return read_scores(p, f"{role} logits")
+    if not p.is_dir():
+        return p
+    inside = logits_path(p, role, tag)
+    direct = p / inside.name
+    p = direct if not inside.exists() and direct.exists() else inside
+    if not p.is_file():
+        raise DataError(f"{inside}: {role} logits not found (a run directory needs ntd/{inside.name}, written by "
+                        f"common.ntd.save_logits)")
+    return p
+
+
+def load_logits(path_or_run_dir: str | Path, role: str = "teacher", tag: str | None = None) -> Logits:
+    """Read a logits file, or a run directory's `ntd/<role>[_<tag>].npz` (see `resolve_logits`). Validated on read
+    (shape, finite values, labels in range); one-line DataErrors name the file."""
+    return read_scores(resolve_logits(path_or_run_dir, role, tag), f"{role} logits")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The advice
+
+LN2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class VerdictRule:
+    """The verdict's thresholds (see "The verdict" in the module docstring). They were set before any measurement
+    and are not fitted to measured Deltas; `advisor_check` measures the ranking, which does not depend on them.
+
+    help_below / hurt_above: the divergence the advice rests on (ncjsd, or target_mass_js for C = 2) as a fraction
+        of ln 2 (the textbook JS's maximum); at or below help_below KD is expected to help, at or above hurt_above
+        to hurt.
+    accuracy_margin: with labels, a teacher less accurate than the probe by more than this (a fraction) is
+        expected to hurt whatever the divergence, and cannot get "help".
+    omega_share: a share of samples the ω mask would drop at or above which the verdict suggests the mask.
+    variant: the JS variant the verdict and the ranking rest on (textbook | reference; both are reported).
+    """
+    help_below: float = 0.05
+    hurt_above: float = 0.20
+    accuracy_margin: float = 0.0
+    omega_share: float = 0.10
+    variant: str = "textbook"
+
+    def check(self) -> "VerdictRule":
+        if self.variant not in JS_VARIANTS:
+            raise ConfigError(f"verdict variant: expected one of {list(JS_VARIANTS)}, got {self.variant!r}")
+        if not 0 <= self.help_below <= self.hurt_above:
+            raise ConfigError(f"verdict thresholds: expected 0 <= help_below <= hurt_above, got "
+                              f"{self.help_below} and {self.hurt_above}")
+        for key in ("accuracy_margin", "omega_share"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and 0 <= value <= 1):
+                raise ConfigError(f"verdict {key}: expected a fraction in [0, 1], got {value}")
+        return self
+
+
+def _check_pair(teacher_logits, probe_logits, labels, sources: dict | None):
+    src = {"teacher": "teacher logits", "probe": "probe logits", "labels": "labels", **(sources or {})}
+    t = check_logits(teacher_logits, src["teacher"])
+    p = check_logits(probe_logits, src["probe"])
+    if t.shape != p.shape:
+        raise DataError(f"{src['probe']}: shape {tuple(p.shape)} does not match {src['teacher']} {tuple(t.shape)} "
+                        f"(the same samples and classes, row by row)")
+    y = None if labels is None else check_labels(labels, t.shape[0], t.shape[1], src["labels"])
+    return t, p, y
+
+
+def _per_sample(t: np.ndarray, p: np.ndarray, targets: np.ndarray, with_omega: bool, threshold: float,
+                space: str, temperature: float) -> dict:
+    """Per-sample divergences (probe vs teacher), argmaxes and ω, as float64 numpy arrays."""
+    zt, zp = torch.from_numpy(t).double(), torch.from_numpy(p).double()
+    y = torch.from_numpy(targets)
+    out = {"teacher_pred": t.argmax(1), "probe_pred": p.argmax(1)}
+    for variant in JS_VARIANTS:
+        out[f"target_mass_js_{variant}"] = target_js(zp, zt, y, variant, temperature).numpy()
+        if t.shape[1] >= 3:
+            out[f"ncjsd_{variant}"] = nontarget_js(zp, zt, y, variant, temperature).numpy()
+    if with_omega:
+        out["omega"] = omega(zt, y, zp, threshold=threshold, space=space, class_dim=1).numpy()
+    return out
+
+
+def _mean(x: np.ndarray, keep: np.ndarray | None = None) -> float | None:
+    x = x if keep is None else x[keep]
+    return float(x.mean()) if x.size else None
+
+
+def _omega_stats(w: np.ndarray, per: dict, threshold: float, space: str) -> dict:
+    kept = w > 0
+    stats = {"threshold": threshold, "space": space, "mean": _mean(w), "dropped_share": _mean(w == 0),
+             "downweighted_share": _mean((w > 0) & (w < 1)), "masked_share": _mean(w < 1),
+             "kept_samples": int(kept.sum())}
+    # The divergence on the samples ω keeps (ω > 0): does the mask select samples with a smaller divergence?
+    for key in [k for k in per if k.startswith(("ncjsd_", "target_mass_js_"))]:
+        stats[f"{key}_kept"] = _mean(per[key], kept)
+    return stats
+
+
+def _per_class(per: dict, targets: np.ndarray, labels: np.ndarray | None, classes: int, names) -> list[dict]:
+    rows = []
+    for c in range(classes):
+        sel = targets == c
+        row = {"class": c, "name": names[c] if names else str(c), "samples": int(sel.sum()),
+               "agreement": _mean(per["teacher_pred"] == per["probe_pred"], sel)}
+        for key in [k for k in per if k.startswith(("ncjsd_", "target_mass_js_"))]:
+            row[key] = _mean(per[key], sel)
+        if labels is not None:
+            row["teacher_accuracy"] = _mean(per["teacher_pred"] == labels, sel)
+            row["probe_accuracy"] = _mean(per["probe_pred"] == labels, sel)
+            row["omega_dropped_share"] = _mean(per["omega"] == 0, sel)
+            row["omega_masked_share"] = _mean(per["omega"] < 1, sel)
+        rows.append(row)
+    return rows
+
+
+def advise(teacher_logits, probe_logits, labels=None, threshold: float = 0.996, names=None, *,
+           rule: VerdictRule | None = None, temperature: float = 1.0, omega_space: str = "logits",
+           sources: dict | None = None) -> dict:
+    """Diagnostics and a verdict for distilling `teacher_logits` into the student modality that `probe_logits` (a
+    no-KD model of that modality) represents. Both (N, C), row i the same sample; labels (N,) or None (then the
+    teacher's argmax is the target). `names`: C class names for the per-class breakdown. `sources` renames the
+    inputs in error messages ({"teacher": file, "probe": file, "labels": file}). Returns a JSON-ready dict."""
+    rule = (rule or VerdictRule()).check()
+    if not (math.isfinite(threshold) and -1 <= threshold <= 1):
+        raise ConfigError(f"omega threshold: expected a cosine in [-1, 1], got {threshold}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ConfigError(f"temperature: expected a number > 0, got {temperature}")
+    t, p, y = _check_pair(teacher_logits, probe_logits, labels, sources)
+    n, classes = t.shape
+    if names is not None and len(names) != classes:
+        raise DataError(f"class names: expected {classes} names (one per logit column), got {len(names)}")
+    targets = y if y is not None else t.argmax(1)
+    per = _per_sample(t, p, targets, y is not None, threshold, omega_space, temperature)
+    quantity = "ncjsd" if classes >= 3 else "target_mass_js"
+    value = float(per[f"{quantity}_{rule.variant}"].mean())
+    result = {"generator": GENERATOR, "format": FORMAT_VERSION, "samples": n, "classes": classes,
+              "class_names": list(names) if names is not None else None,
+              "targets": "labels" if y is not None else "teacher_argmax", "temperature": temperature,
+              "quantity": quantity, "variant": rule.variant, "divergence": value,
+              "divergence_normalised": value / LN2, "score": -value,
+              "agreement": _mean(per["teacher_pred"] == per["probe_pred"]),
+              "teacher_accuracy": _mean(per["teacher_pred"] == y) if y is not None else None,
+              "probe_accuracy": _mean(per["probe_pred"] == y) if y is not None else None}
+    for variant in JS_VARIANTS:
+        result[f"ncjsd_{variant}"] = _mean(per[f"ncjsd_{variant}"]) if classes >= 3 else None
+        result[f"target_mass_js_{variant}"] = _mean(per[f"target_mass_js_{variant}"])
+    result["omega"] = _omega_stats(per["omega"], per, threshold, omega_space) if y is not None else None
+    if y is not None:
+        result["omega"]["teacher_wrong_share"] = _mean(per["teacher_pred"] != y)
+    result["per_class"] = _per_class(per, targets, y, classes, names)
+    result["notes"] = _notes(classes, y is not None)
+    result["verdict"] = _verdict(result, rule)
+    return result
+
+
+def _notes(classes: int, has_labels: bool) -> list[str]:
+    notes = []
+    if classes == 2:
+        notes.append("ncjsd is undefined for C = 2 (the non-target distribution of a binary problem is a single "
+                     "point); the advice rests on target_mass_js, the JS of [p_y, 1 - p_y], a target quantity")
+    if not has_labels:
+        notes.append("no labels: the teacher's argmax is the target, so the teacher is right by construction, "
+                     "accuracies are not reported and the omega mask (which needs the teacher's errors) is undefined")
+    return notes
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def _verdict(r: dict, rule: VerdictRule) -> dict:
+    """help / hurt / uncertain with its evidence, by the rule in the module docstring ("The verdict")."""
+    d, q = r["divergence_normalised"], r["quantity"]
+    what = ("the teacher's non-target distribution" if q == "ncjsd"
+            else "the teacher's target mass (ncjsd is undefined for two classes)")
+    evidence = [f"{q} ({r['variant']}) = {r['divergence']:.4f}, {_pct(d)} of ln 2 "
+                f"(help at or below {_pct(rule.help_below)}, hurt at or above {_pct(rule.hurt_above)})"]
+    ta, pa = r["teacher_accuracy"], r["probe_accuracy"]
+    weaker = ta is not None and ta < pa - rule.accuracy_margin
+    if ta is not None:
+        evidence.append(f"teacher accuracy {ta:.3f} vs probe accuracy {pa:.3f}"
+                        + (f": the teacher is weaker by more than {rule.accuracy_margin:.3f}" if weaker else ""))
+    evidence.append(f"argmax agreement {r['agreement']:.3f}")
+    if d >= rule.hurt_above or weaker:
+        label = "hurt"
+        reason = (f"{what} is far from what this modality can express" if d >= rule.hurt_above
+                  else "the teacher is less accurate than the probe")
+        text = f"expect KD to hurt: {reason}"
+    elif d <= rule.help_below:
+        label, text = "help", f"expect KD to help: {what} is close to what this modality can express"
+    else:
+        label = "uncertain"
+        text = f"no clear prediction: {what} is neither close to nor far from what this modality can express"
+    w = r["omega"]
+    if w is not None:
+        evidence.append(f"omega (cosine threshold {w['threshold']}) drops {_pct(w['dropped_share'])} of samples "
+                        f"and down-weights {_pct(w['downweighted_share'])}")
+        text += f"; the omega mask would drop {_pct(w['dropped_share'])} of samples"
+        if label != "help" and w["dropped_share"] >= rule.omega_share:
+            text += " (worth trying: loss.mask = omega)"
+    else:
+        text += "; omega undefined without labels"
+    return {"label": label, "text": text, "evidence": evidence, "rule": asdict(rule)}
+
+
+def rank(candidates: dict, threshold: float = 0.996, *, rule: VerdictRule | None = None,
+         temperature: float = 1.0, omega_space: str = "logits") -> list[dict]:
+    """Candidates (name -> (teacher_logits, probe_logits, labels or None)) for the same student, best first.
+
+    The predicted benefit is `score` = minus the divergence the advice rests on (ncjsd for C >= 3, target_mass_js
+    for C = 2; NTDH's claim: the smaller it is, the better KD works); ties keep the given order. Each entry holds
+    that quantity, the verdict and the full advice."""
+    if not candidates:
+        raise DataError("rank: no candidates")
+    entries = []
+    for name, (t, p, y) in candidates.items():
+        srcs = {"teacher": f"{name}: teacher logits", "probe": f"{name}: probe logits", "labels": f"{name}: labels"}
+        a = advise(t, p, y, threshold, rule=rule, temperature=temperature, omega_space=omega_space, sources=srcs)
+        entries.append({"name": name, "quantity": a["quantity"], "variant": a["variant"],
+                        "divergence": a["divergence"], "divergence_normalised": a["divergence_normalised"],
+                        "score": a["score"], "verdict": a["verdict"]["label"], "advice": a})
+    quantities = {e["quantity"] for e in entries}
+    if len(quantities) > 1:
+        raise DataError(f"rank: candidates mix class counts ({', '.join(sorted(quantities))}); the scores of "
+                        f"different quantities are not comparable")
+    entries.sort(key=lambda e: -e["score"])  # stable: ties keep the given order
+    for i, e in enumerate(entries, 1):
+        e["rank"] = i
+    return entries
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Readable summaries
+
+def format_advice(r: dict) -> str:
+    """The advice as a few lines of text (what the CLI prints)."""
+    lines = [f"NTD advisor: {r['samples']} samples, {r['classes']} classes, targets = {r['targets']}"]
+    if r["teacher_accuracy"] is not None:
+        lines.append(f"  accuracy: teacher {r['teacher_accuracy']:.4f}, probe {r['probe_accuracy']:.4f}; "
+                     f"argmax agreement {r['agreement']:.4f}")
+    else:
+        lines.append(f"  argmax agreement {r['agreement']:.4f}")
+    nc = ("undefined for C = 2" if r["ncjsd_textbook"] is None
+          else f"textbook {r['ncjsd_textbook']:.4f}, reference {r['ncjsd_reference']:.4f}")
+    lines.append(f"  non-target JS (ncjsd): {nc}")
+    lines.append(f"  target-mass JS:        textbook {r['target_mass_js_textbook']:.4f}, "
+                 f"reference {r['target_mass_js_reference']:.4f}")
+    w = r["omega"]
+    if w is not None:
+        lines.append(f"  omega (cosine >= {w['threshold']}, {w['space']}): drops {_pct(w['dropped_share'])}, "
+                     f"down-weights {_pct(w['downweighted_share'])}, mean {w['mean']:.4f}")
+    lines.append(_class_table(r))
+    lines += [f"  note: {n}" for n in r["notes"]]
+    lines.append(f"verdict: {r['verdict']['label'].upper()}: {r['verdict']['text']}")
+    lines += [f"  - {e}" for e in r["verdict"]["evidence"]]
+    return "\n".join(lines)
+
+
+def _num(x, fmt: str = ".4f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _class_table(r: dict) -> str:
+    q = f"{r['quantity']}_{r['variant']}"
+    labelled = r["teacher_accuracy"] is not None
+    head = f"  {'class':<14}{'n':>8}{r['quantity']:>16}{'agree':>8}"
+    head += f"{'t acc':>8}{'p acc':>8}{'w drop':>8}" if labelled else ""
+    rows = [head]
+    for c in r["per_class"]:
+        row = f"  {c['name'][:13]:<14}{c['samples']:>8}{_num(c[q]):>16}{_num(c['agreement'], '.3f'):>8}"
+        if labelled:
+            row += (f"{_num(c['teacher_accuracy'], '.3f'):>8}{_num(c['probe_accuracy'], '.3f'):>8}"
+                    f"{_num(c['omega_dropped_share'], '.3f'):>8}")
+        rows.append(row)
+    return "\n".join(rows)
+
+
+def format_ranking(entries: list[dict]) -> str:
+    """The ranking as a table: rank, candidate, the quantity it rests on, verdict."""
+    q = f"{entries[0]['quantity']} ({entries[0]['variant']})"
+    width = max(9, *(len(e["name"]) for e in entries)) + 2
+    lines = [f"{'rank':<6}{'candidate':<{width}}{q:>24}{'of ln 2':>9}  verdict"]
+    for e in entries:
+        lines.append(f"{e['rank']:<6}{e['name']:<{width}}{e['divergence']:>24.4f}"
+                     f"{_pct(e['divergence_normalised']):>9}  {e['verdict']}")
+    lines.append("predicted benefit = -divergence (smaller non-target divergence, better KD: NTDH, arXiv 2409.02438)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write the advisor's JSON; an existing file is replaced only if the advisor wrote it."""
+    path = Path(path)
+    if path.exists():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            old = None
+        if not (isinstance(old, dict) and old.get("generator") == GENERATOR):
+            raise DataError(f"{path}: exists and was not written by the NTD advisor; refusing to overwrite it")
+    from common.run import atomic_write_json
+    return atomic_write_json(path, obj)
+
+
+def _scores(arg: str, role: str, tag: str | None) -> tuple[Logits, Path]:
+    path = resolve_logits(arg, role, tag)
+    return read_scores(path, f"{role} logits"), path
+
+
+def _labels(teacher: tuple, probe: tuple, labels_arg: str | None):
+    """Labels from --labels or from the logits files; every source given must agree."""
+    (t, tp), (p, pp) = teacher, probe
+    found = [(y, f"{path}") for y, path in ((t.labels, tp), (p.labels, pp)) if y is not None]
+    if labels_arg is not None:
+        found.insert(0, (read_labels(labels_arg, *t.logits.shape), labels_arg))
+    for y, where in found[1:]:
+        if y.shape == found[0][0].shape and not np.array_equal(y, found[0][0]):
+            raise DataError(f"{where}: its labels differ from those in {found[0][1]} (are the rows aligned?)")
+    return (found[0][0], found[0][1]) if found else (None, None)
+
+
+def _names(items: list[str] | None) -> list[str] | None:
+    if not items:
+        return None
+    return [n for item in items for n in item.split(",") if n] if len(items) == 1 else items
+
+
+def _rule(args) -> VerdictRule:
+    return VerdictRule(args.help_below, args.hurt_above, args.accuracy_margin, args.omega_share, args.variant)
+
+
+def _cmd_advise(args) -> dict:
+    t_arg, p_arg = args.teacher or args.run, args.probe or args.run
+    if t_arg is None or p_arg is None:
+        raise ConfigError("advise: give a run directory, or both --teacher and --probe")
+    teacher, probe = _scores(t_arg, "teacher", args.tag), _scores(p_arg, "probe", args.tag)
+    y, y_src = _labels(teacher, probe, args.labels)
+    srcs = {"teacher": f"{teacher[1]}", "probe": f"{probe[1]}", "labels": f"{y_src}"}
+    r = advise(teacher[0].logits, probe[0].logits, y, args.threshold, _names(args.names), rule=_rule(args),
+               temperature=args.temperature, omega_space=args.omega_space, sources=srcs)
+    r["inputs"] = {"teacher": str(teacher[1]), "probe": str(probe[1]), "labels": y_src,
+                   "teacher_meta": teacher[0].meta, "probe_meta": probe[0].meta}
+    print(format_advice(r))
+    out = args.out or (logits_path(args.run, "teacher", args.tag).with_name(
+        f"advice_{args.tag}.json" if args.tag else "advice.json") if args.run else None)
+    if out is not None:
+        print(f"written: {write_json(out, r)}")
+    return r
+
+
+def _candidates(specs: list[str]) -> dict:
+    """`name=teacher,probe[,labels]` files, or run directories (each ntd/teacher[_<tag>].npz is one candidate,
+    paired with ntd/probe_<tag>.npz when present, else ntd/probe.npz)."""
+    out: dict = {}
+    for spec in specs:
+        found = _run_candidates(Path(spec)) if "=" not in spec else [_file_candidate(spec)]
+        for name, value in found:
+            if name in out:
+                raise ConfigError(f"rank: candidate name {name!r} given twice")
+            out[name] = value
+    return out
+
+
+def _file_candidate(spec: str):
+    name, _, files = spec.partition("=")
+    parts = files.split(",")
+    if not name or len(parts) not in (2, 3) or not all(parts):
+        raise ConfigError(f"rank: {spec!r}: expected NAME=TEACHER,PROBE[,LABELS] or a run directory")
+    t, p = (read_scores(parts[0], "teacher logits"), Path(parts[0])), (read_scores(parts[1], "probe logits"),
+                                                                          Path(parts[1]))
+    y, _ = _labels(t, p, parts[2] if len(parts) == 3 else None)
+    return name, (t[0].logits, p[0].logits, y)
+
+
+def _run_candidates(run: Path):
+    if not run.is_dir():
+        raise DataError(f"{run}: not a run directory (and not NAME=TEACHER,PROBE)")
+    teachers = sorted((run / "ntd").glob("teacher*.npz"))
+    if not teachers:
+        raise DataError(f"{run}: no ntd/teacher*.npz (written by common.ntd.save_logits)")
+    found = []
+    for f in teachers:
+        tag = f.stem[len("teacher_"):] if f.stem.startswith("teacher_") else None
+        probe = run / "ntd" / (f"probe_{tag}.npz" if tag and (run / "ntd" / f"probe_{tag}.npz").exists()
+                               else "probe.npz")
+        if not probe.exists():
+            raise DataError(f"{probe}: probe logits not found (needed for {f.name})")
+        t, p = (read_scores(f, "teacher logits"), f), (read_scores(probe, "probe logits"), probe)
+        y, _ = _labels(t, p, None)
+        found.append((f"{run.name}:{tag}" if tag else run.name, (t[0].logits, p[0].logits, y)))
+    return found
+
+
+def _cmd_rank(args) -> list:
+    entries = rank(_candidates(args.candidates), args.threshold, rule=_rule(args),
+                   temperature=args.temperature, omega_space=args.omega_space)
+    print(format_ranking(entries))
+    if args.out:
+        print(f"written: {write_json(args.out, {'generator': GENERATOR, 'ranking': entries})}")
+    return entries
+
+
+def _parser() -> argparse.ArgumentParser:
+    common_opts = argparse.ArgumentParser(add_help=False)
+    rule = VerdictRule()
+    common_opts.add_argument("--threshold", type=float, default=0.996, help="omega's cosine threshold (0.996)")
+    common_opts.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the JS (1)")
+    common_opts.add_argument("--omega-space", choices=("logits", "probs"), default="logits")
+    common_opts.add_argument("--variant", choices=JS_VARIANTS, default=rule.variant)
+    common_opts.add_argument("--help-below", type=float, default=rule.help_below)
+    common_opts.add_argument("--hurt-above", type=float, default=rule.hurt_above)
+    common_opts.add_argument("--accuracy-margin", type=float, default=rule.accuracy_margin)
+    common_opts.add_argument("--omega-share", type=float, default=rule.omega_share)
+    common_opts.add_argument("--out", help="JSON file to write")
+    p = argparse.ArgumentParser(prog="python -m common.ntd", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("advise", parents=[common_opts], help="diagnose one teacher / probe pair")
+    a.add_argument("run", nargs="?", help="run directory with ntd/teacher.npz and ntd/probe.npz")
+    a.add_argument("--teacher", help=".npy/.npz/.pt teacher logits, or a run directory")
+    a.add_argument("--probe", help=".npy/.npz/.pt probe logits, or a run directory")
+    a.add_argument("--labels", help=".npy/.npz/.pt labels (else the files' labels, else the teacher's argmax)")
+    a.add_argument("--names", nargs="+", help="class names (space- or comma-separated)")
+    a.add_argument("--tag", help="read ntd/<role>_<tag>.npz from run directories")
+    r = sub.add_parser("rank", parents=[common_opts], help="rank candidate teachers for the same student")
+    r.add_argument("candidates", nargs="+", help="run directories, or NAME=TEACHER,PROBE[,LABELS]")
+    return p
+
+
+def main(argv: list[str] | None = None):
+    args = _parser().parse_args(argv)
+    return _cmd_advise(args) if args.command == "advise" else _cmd_rank(args)
+
+
+if __name__ == "__main__":
+    from common.run import cli
+    cli(main)
