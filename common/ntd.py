@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import re
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -180,7 +181,7 @@ def read_scores(path: str | Path, what: str = "logits") -> Logits:
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f"{path}: not a readable {suffix} file ({_short(e)})") from None
+        raise DataError(f"{path}: not a readable {suffix} file ({type(e).__name__}: {_short(e)})") from None
     z = check_logits(z, f"{path}: {what}")
     if y is not None:
         y = check_labels(y, z.shape[0], z.shape[1], f"{path}: labels")
@@ -244,7 +245,7 @@ def read_labels(path: str | Path, n: int, classes: int) -> np.ndarray:
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f"{path}: not a readable {suffix} file ({_short(e)})") from None
+        raise DataError(f"{path}: not a readable {suffix} file ({type(e).__name__}: {_short(e)})") from None
     return check_labels(y, n, classes, f"{path}: labels")
 
 
@@ -481,6 +482,177 @@ def rank(candidates: dict, threshold: float = 0.996, *, rule: VerdictRule | None
         e["rank"] = i
     return entries
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# How good is the advice? Predicted scores against measured Deltas
+
+def _spearman_stat(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Spearman's ρ along `axis` (vectorised over bootstrap resamples); NaN where a resample is constant."""
+    from scipy.stats import rankdata
+
+    rx, ry = rankdata(x, axis=axis), rankdata(y, axis=axis)
+    rx = rx - rx.mean(axis, keepdims=True)
+    ry = ry - ry.mean(axis, keepdims=True)
+    den = np.sqrt((rx * rx).sum(axis) * (ry * ry).sum(axis))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (rx * ry).sum(axis) / np.where(den > 0, den, 1.0), np.nan)
+
+
+def correlation(x, y, *, n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict:
+    """Spearman ρ (scipy.stats.spearmanr) of paired values with a percentile bootstrap interval
+    (scipy.stats.bootstrap, paired resampling, seeded). Undefined (None, with a note) for n < 3 or constant input;
+    resamples that are constant have no ρ and are left out of the interval (`resamples_defined` says how many)."""
+    from scipy.stats import bootstrap, spearmanr
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    out = {"n": int(x.size), "rho": None, "p": None, "ci": None, "resamples_defined": None, "note": None}
+    if x.size < 3:
+        out["note"] = f"undefined: n = {x.size} < 3 configurations"
+        return out
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        out["note"] = "undefined: the " + ("predicted scores" if np.ptp(x) == 0 else "measured Deltas") + \
+                      " are all equal"
+        return out
+    rho, p = spearmanr(x, y)
+    out["rho"], out["p"] = float(rho), float(p)
+    with warnings.catch_warnings():  # constant resamples are expected at small n; they are counted below
+        warnings.simplefilter("ignore")
+        boot = bootstrap((x, y), _spearman_stat, paired=True, vectorized=True, n_resamples=n_resamples,
+                         confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
+    dist = boot.bootstrap_distribution
+    ok = np.isfinite(dist)
+    tail = 100 * (1 - confidence) / 2
+    out["ci"] = [float(v) for v in np.percentile(dist[ok], [tail, 100 - tail])]
+    out["resamples_defined"] = float(ok.mean())
+    if x.size < 10:
+        out["note"] = f"small n ({x.size}): few distinct resamples, the interval is coarse"
+    return out
+
+
+def _check_records(records) -> list[tuple]:
+    out = []
+    for i, r in enumerate(records):
+        if isinstance(r, dict):
+            r = tuple(r.get(k) for k in ("experiment", "label", "predicted", "delta"))
+        if len(r) != 4:
+            raise DataError(f"advisor_check record {i}: expected (experiment, label, predicted, delta), got {r!r}")
+        exp, label, pred, delta = r
+        try:
+            pred, delta = float(pred), float(delta)
+        except (TypeError, ValueError):
+            raise DataError(f"advisor_check record {i} ({exp}, {label}): predicted score and Delta must be "
+                            f"numbers, got {pred!r} and {delta!r}") from None
+        if not (math.isfinite(pred) and math.isfinite(delta)):
+            raise DataError(f"advisor_check record {i} ({exp}, {label}): non-finite predicted score or Delta")
+        out.append((str(exp), str(label), pred, delta))
+    return out
+
+
+def _within_ranks(values: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return rankdata(values) / (values.size + 1)
+
+
+def advisor_check(records, *, plot: str | Path | None = None, n_resamples: int = 2000, confidence: float = 0.95,
+                  seed: int = 0) -> dict:
+    """How well the predicted scores rank the measured Deltas of distilled students.
+
+    records: (experiment, config label, predicted score, measured Delta) tuples (or dicts with those keys); the
+    predicted score is the advisor's `score` from pre-distillation logits, Delta the distilled student's gain over
+    the no-KD baseline. Returns Spearman ρ with a bootstrap interval per experiment and pooled. "pooled" ranks each
+    experiment's scores and Deltas within the experiment (rank / (n + 1)), so experiments with different scales mix
+    fairly, over the experiments with n >= 3; "pooled_raw" is ρ over the raw values of every record, which mixes
+    scales and is shown for completeness. `plot`: PNG path for the scatter (see `plot_check`)."""
+    recs = _check_records(records)
+    by_exp: dict[str, list] = {}
+    for r in recs:
+        by_exp.setdefault(r[0], []).append(r)
+    kw = {"n_resamples": n_resamples, "confidence": confidence, "seed": seed}
+    out = {"generator": GENERATOR, "confidence": confidence, "n_resamples": n_resamples, "seed": seed,
+           "experiments": {}}
+    px, py, used = [], [], []
+    for exp, rs in by_exp.items():
+        x, y = np.array([r[2] for r in rs]), np.array([r[3] for r in rs])
+        out["experiments"][exp] = correlation(x, y, **kw)
+        out["experiments"][exp]["labels"] = [r[1] for r in rs]
+        if len(rs) >= 3:
+            px.append(_within_ranks(x))
+            py.append(_within_ranks(y))
+            used.append(exp)
+    pooled = correlation(np.concatenate(px) if px else [], np.concatenate(py) if py else [], **kw)
+    out["pooled"] = {**pooled, "experiments": used}
+    out["pooled_raw"] = correlation([r[2] for r in recs], [r[3] for r in recs], **kw)
+    if plot is not None:
+        out["plot"] = str(plot_check(recs, out, plot))
+    return out
+
+
+def _fmt_rho(c: dict) -> str:
+    if c["rho"] is None:
+        return "rho undefined"
+    return f"rho = {c['rho']:+.2f} [{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}]"
+
+
+def plot_check(records, check: dict, path: str | Path) -> Path:
+    """Predicted score vs measured Delta, one panel per experiment (each point labelled with its configuration),
+    plus the pooled within-experiment ranks; ρ and its interval in each title. Object-oriented matplotlib (Agg)."""
+    from common.plots import figure
+
+    recs = _check_records(records)
+    exps = list(check["experiments"])
+    panels = len(exps) + 1
+    cols = min(3, panels)
+    rows = -(-panels // cols)
+    fig, axes = figure(rows, cols, figsize=(4.4 * cols, 3.6 * rows), squeeze=False)
+    for i, exp in enumerate(exps):
+        ax = axes[i // cols, i % cols]
+        pts = [r for r in recs if r[0] == exp]
+        ax.scatter([r[2] for r in pts], [r[3] for r in pts], s=18, color=f"C{i % 10}")
+        for r in pts:
+            ax.annotate(r[1], (r[2], r[3]), fontsize=6, alpha=0.7, xytext=(2, 2), textcoords="offset points")
+        ax.axhline(0, color="grey", lw=0.8, ls="--")
+        c = check["experiments"][exp]
+        ax.set(xlabel="predicted score (-divergence)", ylabel="measured Delta", title=f"{exp}: {_fmt_rho(c)}")
+        ax.title.set_fontsize(8)
+        ax.grid(alpha=0.3)
+    ax = axes[(panels - 1) // cols, (panels - 1) % cols]
+    for i, exp in enumerate(exps):
+        pts = [r for r in recs if r[0] == exp]
+        if exp in check["pooled"]["experiments"]:
+            ax.scatter(_within_ranks(np.array([r[2] for r in pts])), _within_ranks(np.array([r[3] for r in pts])),
+                       s=14, color=f"C{i % 10}", label=exp)
+    ax.set(xlabel="predicted score, rank within experiment", ylabel="Delta, rank within experiment",
+           title=f"pooled: {_fmt_rho(check['pooled'])}", xlim=(0, 1), ylim=(0, 1))
+    ax.title.set_fontsize(8)
+    ax.grid(alpha=0.3)
+    if check["pooled"]["experiments"]:
+        ax.legend(fontsize=6)
+    for j in range(panels, rows * cols):
+        axes[j // cols, j % cols].set_visible(False)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def check_markdown(check: dict, plot_link: str | None = None) -> str:
+    """The advisor check as a markdown table (for the reproduce report); undefined ρ is shown as such."""
+    pct = round(100 * check["confidence"])
+    lines = [f"| experiment | n | Spearman rho | {pct} % bootstrap interval | p | note |", "|---|---|---|---|---|---|"]
+    rows = list(check["experiments"].items()) + [("pooled (within-experiment ranks)", check["pooled"]),
+                                                 ("pooled (raw values, mixes scales)", check["pooled_raw"])]
+    for name, c in rows:
+        if c["rho"] is None:
+            lines.append(f"| {name} | {c['n']} | undefined | - | - | {c['note']} |")
+        else:
+            lines.append(f"| {name} | {c['n']} | {c['rho']:+.3f} | [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] | "
+                         f"{c['p']:.3g} | {c['note'] or ''} |")
+    if plot_link:
+        lines += ["", f"![predicted score vs measured Delta]({plot_link})"]
+    return "\n".join(lines)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Readable summaries
