@@ -1,4 +1,4 @@
-"""Speed of common.fastfit's native engine (common/native.py, the C kernel) against its torch engine, on the trainings
+"""Speed of common.synthetic.fastfit's native engine (common/synthetic/native.py, the C kernel) against its torch engine, on the trainings
 the synthetic experiments run, measured in one process run with one torch thread: the same models, data, loss and
 epochs on both sides (and the same trained weights, up to float rounding: the largest difference is printed).
 
@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from common import fastfit, native  # noqa: E402
-from common.vectorized import BatchedLinear, batched_mlp  # noqa: E402
+from common.synthetic import fastfit, native  # noqa: E402
+from common.synthetic.vectorized import BatchedLinear, batched_mlp  # noqa: E402
 
 
 def cases(runs: int):

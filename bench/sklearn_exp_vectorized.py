@@ -1,4 +1,4 @@
-"""Speed of the NTDH sklearn sweep (the experiment's own code: common.native's C trainer, Alg. 1 through
+"""Speed of the NTDH sklearn sweep (the experiment's own code: common.synthetic.native's C trainer, Alg. 1 through
 common.saliency) vs a per-run Python loop.
 
 Both sides produce the same results for each (γ, run): a teacher on x1, a KD student (CE + KL) and a no-KD baseline
@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from common import native  # noqa: E402
+from common.synthetic import native  # noqa: E402
 from common.divergence import nontarget_js  # noqa: E402
 from common.kd import build_objective  # noqa: E402
 from sklearn_exp import experiment  # noqa: E402

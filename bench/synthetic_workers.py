@@ -1,4 +1,4 @@
-"""Speed of `--workers N` (common.parallel: a sweep's runs split over N CPU processes, one torch thread each) against
+"""Speed of `--workers N` (common.synthetic.parallel: a sweep's runs split over N CPU processes, one torch thread each) against
 one process, for the gauss full table and the sklearn_exp default, measured in one run at reduced epochs (both
 sides the same work; the per-run numbers are equal, checked here too).
 

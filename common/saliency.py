@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from common.divergence import JS_VARIANTS, nontarget_js
-from common.vectorized import BatchedLinear
+from common.kd.layers import BatchedLinear
 
 INTERVENTIONS = ("permute", "zero", "mean")
 DISTANCES = ("mse", "ncjsd", "l1")

@@ -25,7 +25,7 @@ import torch
 
 @dataclass
 class Split:
-    """One split of R runs, feature-major (the layout of common.vectorized): x (R, dim, N), y (R, N)."""
+    """One split of R runs, feature-major (the layout of common.synthetic.vectorized): x (R, dim, N), y (R, N)."""
     x1: torch.Tensor  # (R, x1_dim, N) teacher modality
     x2: torch.Tensor  # (R, x2_dim, N) student modality
     y: torch.Tensor   # (R, N) labels

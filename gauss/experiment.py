@@ -1,6 +1,6 @@
 """The Gaussian sweeps (NTDH / MFH γ sweep, MFH α sweep): for every setting, a teacher on x1, a no-KD baseline on x2
 and one KD student per (method, mask) on x2 — all runs of all settings trained as one batched computation
-(common.vectorized models, common.fastfit trainer).
+(common.synthetic.vectorized models, common.synthetic.fastfit trainer).
 """
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import numpy as np
 import torch
 
 from common import divergence as D
-from common import parallel
-from common.fastfit import fit_objective
+from common.synthetic import parallel
+from common.synthetic.fastfit import fit_objective
 from common.kd import method_objective
 from common.metrics import spearman_summary
 from common.run import derived_seed
-from common.vectorized import BatchedLinear, accuracy
+from common.synthetic.vectorized import BatchedLinear, accuracy
 from gauss import data
 
 CSV_COLUMNS = ["loss", "mask", "gamma", "overlap_dim", "runs", "teacher_acc", "no_kd_acc", "kd_acc", "delta_mean",
@@ -37,7 +37,7 @@ class Sweep:
     runs: int
     train: data.Split
     test: data.Split
-    first_run: int = 0     # index of this block's first run in the whole sweep (common.parallel)
+    first_run: int = 0     # index of this block's first run in the whole sweep (common.synthetic.parallel)
 
     @property
     def groups(self) -> int:
@@ -103,7 +103,7 @@ def objective_for(cfg: dict, method: str, mask: str, sweep: Sweep, n_classes: in
 
 def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
     """Train everything — in this process, or with the runs cut into blocks over `workers` CPU processes
-    (common.parallel) — and return {"rows", "per_run", "correlations", "settings", "seconds"}."""
+    (common.synthetic.parallel) — and return {"rows", "per_run", "correlations", "settings", "seconds"}."""
     started = time.perf_counter()
     parts, workers = parallel.run_sweep_blocks(sweep_block, cfg, device, log)
     block = parallel.concat_runs(parts)
@@ -112,7 +112,7 @@ def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
 
 def sweep_block(cfg: dict, first_run: int = 0, device: torch.device | str = "cpu", log=None) -> dict:
     """Train and evaluate runs first_run … first_run + cfg["runs"] − 1 of every setting; every per-run result an
-    (S, R) numpy array, so blocks concatenate along axis 1 (common.parallel.concat_runs)."""
+    (S, R) numpy array, so blocks concatenate along axis 1 (common.synthetic.parallel.concat_runs)."""
     log = log or (lambda *_: None)
     device = torch.device(device)
     sweep = build_sweep(cfg, first_run)

@@ -5,7 +5,7 @@ x2; then, per mode, x1 columns are chosen — `random` (xs2 random columns), `gt
 `alg1` (the xs2 most salient columns of MFH Algorithm 1 on the inputs, through common.saliency) — a
 "modality-general" teacher is retrained on those columns only and a second KD student distils from it.
 
-Everything is one batched computation per role (common.vectorized): the regular models over S settings × R runs, the
+Everything is one batched computation per role (common.synthetic.vectorized): the regular models over S settings × R runs, the
 modality-general ones over M modes × S × R. The settings select different numbers of columns, so the selected
 inputs are zero-padded to the widest selection: a zero input column has a zero gradient and adds nothing to the
 output, and each run's teacher is initialised as an nn.Linear of its own width, so every run trains exactly as a
@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from common import saliency
-from common.fastfit import fit, fit_objective, joint_logit_grad
+from common.synthetic.fastfit import fit, fit_objective, joint_logit_grad
 from common.run import derived_seed
-from common.vectorized import BatchedLinear, accuracy, cross_entropy_sum
+from common.synthetic.vectorized import BatchedLinear, accuracy, cross_entropy_sum
 from gauss import data, experiment
 
 MODES = ("random", "gt", "alg1")
@@ -102,7 +102,7 @@ def algorithm1(cfg: dict, split: data.Split, n_settings: int, progress: bool):
     column (and x2 column) against the other modality's fixed output (step 2, common.saliency.saliency_vector at
     place "input"). Returns (sal_x1, sal_x2 or None).
 
-    engine `closed_form`: step 1 by common.fastfit with the loss's closed-form gradient, step 2 by saliency_vector's
+    engine `closed_form`: step 1 by common.synthetic.fastfit with the loss's closed-form gradient, step 2 by saliency_vector's
     rank-1 path (a destroyed column c moves a linear model's output by W[:, c]·(x̃_c − x_c)); `autograd`:
     common.saliency.joint_train and saliency_vector's generic copy path. The same numbers, ~20× apart in time."""
     a = cfg["modify"]["alg1"]

@@ -14,7 +14,7 @@ The noise does not depend on ov, so one draw per run serves every γ, and x2 is 
 The reference seeds the data with 42 for every run (spec §12 item 22: only the model init varies); here run r uses
 data seed `seed + r` unless `same_data_every_run` (parity).
 
-Layout: feature-major (common.vectorized), x (G, D, N), y (G, N), groups γ-major: group k·R + r is overlap k, run r.
+Layout: feature-major (common.synthetic.vectorized), x (G, D, N), y (G, N), groups γ-major: group k·R + r is overlap k, run r.
 """
 from __future__ import annotations
 

@@ -12,13 +12,13 @@ import numpy as np
 import torch
 
 from common import divergence as D
-from common import parallel
-from common.fastfit import fit, fit_objective, joint_ncjsd_grad
+from common.synthetic import parallel
+from common.synthetic.fastfit import fit, fit_objective, joint_ncjsd_grad
 from common.kd import method_objective
 from common.metrics import spearman_summary
 from common.run import derived_seed
 from common.saliency import removal_indices, saliency_vector
-from common.vectorized import accuracy, cross_entropy_sum
+from common.synthetic.vectorized import accuracy, cross_entropy_sum
 from sklearn_exp import data
 from sklearn_exp.models import two_layer_nn
 
@@ -155,7 +155,7 @@ def algorithm1(cfg: dict, sweep: Sweep, variant: str, log=print) -> dict:
         return (cross_entropy_sum(z_t, tr.y) + cross_entropy_sum(z_s, tr.y)
                 + a["distance_weight"] * nontarget_divergence(z_s, z_t, tr.y, variant).sum())
 
-    # the textbook JS has a closed-form gradient (common.fastfit.joint_ncjsd_grad); the reference's goes by autograd
+    # the textbook JS has a closed-form gradient (common.synthetic.fastfit.joint_ncjsd_grad); the reference's goes by autograd
     loss = ({"grad_fn": joint_ncjsd_grad(tr.y, n_classes, a["distance_weight"])}
             if variant == "textbook" and cfg["train"].get("closed_form", True) else {"loss_fn": joint_loss})
     sweep.timed("alg1_joint", lambda: fit(
@@ -198,7 +198,7 @@ def gather_columns(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 
 
 def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
-    """The whole sweep: in this process, or cut into blocks of runs over `workers` processes (common.parallel, CPU);
+    """The whole sweep: in this process, or cut into blocks of runs over `workers` processes (common.synthetic.parallel, CPU);
     then the tables, correlations and timings of all runs."""
     started, cpu_started = time.perf_counter(), time.process_time()
     parts, workers = parallel.run_sweep_blocks(sweep_block, cfg, device, log)
@@ -213,7 +213,7 @@ def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
 
 def sweep_block(cfg: dict, first_run: int = 0, device: torch.device | str = "cpu", log=None) -> dict:
     """Train and evaluate runs first_run … first_run + cfg["runs"] − 1; every result as a numpy array with the runs
-    on axis 1 ((S, R) or (S, R, D)), so blocks concatenate (common.parallel.concat_runs)."""
+    on axis 1 ((S, R) or (S, R, D)), so blocks concatenate (common.synthetic.parallel.concat_runs)."""
     log = log or (lambda *_: None)
     device = torch.device(device)
     started, cpu_started = time.perf_counter(), time.process_time()

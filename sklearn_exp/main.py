@@ -16,7 +16,7 @@ if str(HERE.parent) not in sys.path:  # run as a script without an install: make
 import torch  # noqa: E402
 
 from common import config as C  # noqa: E402
-from common import fastfit, native  # noqa: E402
+from common.synthetic import fastfit, native  # noqa: E402
 from common.run import RunDir, cli, seed_everything  # noqa: E402
 from sklearn_exp import experiment, report  # noqa: E402
 

@@ -1,9 +1,9 @@
 """The reference's `TwoLayerNN` (spec §3.2) for R independent runs at once.
 
-`two_layer_nn(in, hidden, classes, runs, seeds)` is `common.vectorized.batched_mlp([in, h, h, classes])`: Linear →
+`two_layer_nn(in, hidden, classes, runs, seeds)` is `common.synthetic.vectorized.batched_mlp([in, h, h, classes])`: Linear →
 ReLU → Linear → ReLU → Linear, feature-major (R, D, N) → (R, C, N). The reference's unused `fc2_1` layer, its
 ignored `beta` argument and its dropout (p = 0) are left out; its global-RNG reseeding is replaced by per-run seeds.
-It is trained by `common.fastfit.fit` (hand-written backward, closed-form logit gradients where they exist).
+It is trained by `common.synthetic.fastfit.fit` (hand-written backward, closed-form logit gradients where they exist).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Sequence
 
 from torch import nn
 
-from common.vectorized import batched_mlp
+from common.synthetic.vectorized import batched_mlp
 
 
 def two_layer_nn(in_dim: int, hidden: int, n_classes: int, runs: int, seeds: Sequence[int]) -> nn.Sequential:

@@ -14,7 +14,7 @@ Runs axis. Every term can be built with ``runs=R``: its inputs are then (R, C, N
 the (N, C, L) layout of PyTorch's 1-d ops — with labels / ω of shape (R, N); its parameters get one independent
 copy per run; and the returned scalar is the **sum** of the R per-run losses, so each run's parameters receive
 exactly the gradient of their own loss. This is how the synthetic experiments train 100 seeds as one batched
-computation (``common.vectorized``).
+computation (``common.synthetic.vectorized``).
 """
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from common.kd.base import DistillLoss, register
 from common.kd.relational import _cols, feature_major
-from common.vectorized import BatchedLinear
+from common.kd.layers import BatchedLinear
 
 
 def _l2_normalize(x, dim: int, eps: float = 1e-12):

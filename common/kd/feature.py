@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.kd.base import DistillLoss, register
-from common.vectorized import BatchedLinear
+from common.kd.layers import BatchedLinear
 
 
 @register("mse")

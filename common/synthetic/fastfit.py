@@ -15,7 +15,7 @@ It performs exactly the updates of autograd + `torch.optim.SGD` (momentum, no da
 to float rounding (tests/common/test_fastfit.py compares every path with autograd).
 
 That is the torch engine. The closed forms are `LogitGrad`s, which also describe themselves to the native engine
-(`common.native`, a C kernel compiled on first use): `fit(..., engine="auto")`, the default, trains them there —
+(`common.synthetic.native`, a C kernel compiled on first use): `fit(..., engine="auto")`, the default, trains them there —
 about 2x faster on sklearn_exp's MLPs — whenever the tensors are float32 on the CPU and the kernel builds, and on
 the torch engine otherwise (tests/common/test_native.py holds it to the same references).
 """
@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from common import native
+from common.synthetic import native
 from common.kd.logit import KLDistill
 from common.kd.objective import CrossEntropy
-from common.vectorized import BatchedLinear
+from common.synthetic.vectorized import BatchedLinear
 
 ENGINES = ("auto", "native", "torch")
 
@@ -88,7 +88,7 @@ def _backward(views, acts, g):
 class LogitGrad:
     """A closed-form logit gradient, local to each run: called as grad_fn(sl, logits) it returns ∂loss/∂logits for
     the runs in slice sl (the torch engine); `kind`, `params`, `labels` and `teacher_probs` describe the same loss to
-    the native engine (common.native), which computes it in C. `models` is how many models' logits it takes."""
+    the native engine (common.synthetic.native), which computes it in C. `models` is how many models' logits it takes."""
 
     def __init__(self, kind: str, fn: Callable, labels: torch.Tensor, n_classes: int, models: int = 1,
                  params: Sequence[float] = (), teacher_probs: torch.Tensor | None = None):
@@ -247,7 +247,7 @@ def fit(models: Sequence[nn.Module], inputs: Sequence[torch.Tensor], *, epochs: 
     neither: the cross-entropy of a single model against `labels` (run-summed mean CE, `ce_grad`).
     extra_params: further parameters of the loss_fn (a common.kd Objective's), stepped with the models'.
     chunk: runs per forward / backward block of the torch engine (None: all at once).
-    engine: "torch" (the code below), "native" (common.native's C kernel: a LogitGrad closed form on float32 CPU
+    engine: "torch" (the code below), "native" (common.synthetic.native's C kernel: a LogitGrad closed form on float32 CPU
         tensors; an error otherwise) or "auto" (native when it can run this training, else torch). Both make the
         same updates up to float rounding.
     Returns the models, in eval mode.

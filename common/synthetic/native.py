@@ -1,6 +1,6 @@
-"""The native engine of `common.fastfit`: `csrc/mlp_train.c`, compiled on first use and loaded with ctypes.
+"""The native engine of `common.synthetic.fastfit`: `csrc/mlp_train.c`, compiled on first use and loaded with ctypes.
 
-`common.fastfit.fit(..., engine="auto")` hands a training to this module when it can (float32 CPU tensors, a
+`common.synthetic.fastfit.fit(..., engine="auto")` hands a training to this module when it can (float32 CPU tensors, a
 BatchedLinear / ReLU stack, a closed-form logit gradient: CE, CE + KL, Alg. 1's joint CE + CE + non-target JS or
 + MSE / L1), and keeps the torch engine otherwise. The kernel trains one run per call, all epochs, fused over tiles of
 samples (see the C file for why that is ~2x faster than torch on these shapes); this module loops over the runs.
@@ -154,7 +154,7 @@ def unavailable() -> str | None:
 
 
 def describe(engine: str, device: torch.device | str = "cpu") -> str:
-    """One line for a run's log: which trainer `common.fastfit.fit(engine=engine)` will use for closed-form losses
+    """One line for a run's log: which trainer `common.synthetic.fastfit.fit(engine=engine)` will use for closed-form losses
     on `device` (and it loads the kernel, so worker processes forked afterwards inherit it instead of each building)."""
     if engine == "torch":
         return "torch (train.engine: torch)"
@@ -202,7 +202,7 @@ def fit(stacks, inputs, grad, *, epochs: int, lr: float, momentum: float = 0.0, 
         desc: str | None = None) -> None:
     """Train every run of the stacks in place: full-batch SGD (momentum) on grad's closed form, one kernel call per
     run. stacks[m] are model m's BatchedLinear layers ((R, out, in) weights), inputs[m] its (R, D, N) input; grad is a
-    common.fastfit.LogitGrad. Call `unsupported` first."""
+    common.synthetic.fastfit.LogitGrad. Call `unsupported` first."""
     lib = load()
     if lib is None:
         raise RuntimeError(_reason)

@@ -1,4 +1,4 @@
-"""common.fastfit (torch engine): the hand-written backward and every closed-form logit gradient make the updates of
+"""common.synthetic.fastfit (torch engine): the hand-written backward and every closed-form logit gradient make the updates of
 autograd + torch.optim.SGD through the losses they replace; objective_grad covers exactly the objectives it can.
 The native engine is held to the same references in test_native.py."""
 import copy
@@ -6,12 +6,12 @@ import copy
 import pytest
 import torch
 
-from common import fastfit
+from common.synthetic import fastfit
 from common.divergence import nontarget_js
 from common.kd import build_objective
 from common.saliency import joint_train, saliency_vector
-from common.vectorized import BatchedLinear, batched_mlp, cross_entropy_sum
-from common.vectorized import fit as autograd_fit
+from common.synthetic.vectorized import BatchedLinear, batched_mlp, cross_entropy_sum
+from common.synthetic.vectorized import fit as autograd_fit
 
 
 def mlp(runs, seeds, dims=(50, 16, 16, 4)):

@@ -1,4 +1,4 @@
-"""common.native (fastfit's C engine): the same updates as autograd + torch.optim.SGD and as the torch engine for every
+"""common.synthetic.native (fastfit's C engine): the same updates as autograd + torch.optim.SGD and as the torch engine for every
 closed-form loss, on shapes that exercise the kernel's padding (widths not a multiple of 8, a partial last tile of
 samples, one to four layers); fallback and errors when it cannot run; the build cache."""
 import copy
@@ -6,11 +6,11 @@ import copy
 import pytest
 import torch
 
-from common import fastfit, native
+from common.synthetic import fastfit, native
 from common.divergence import nontarget_js
 from common.kd import build_objective
 from common.saliency import joint_train
-from common.vectorized import BatchedLinear, batched_mlp, cross_entropy_sum
+from common.synthetic.vectorized import BatchedLinear, batched_mlp, cross_entropy_sum
 
 # only a machine without a C compiler skips: where one exists, a kernel that does not build fails these tests
 pytestmark = pytest.mark.skipif(native._compiler() is None, reason="no C compiler")

@@ -1,8 +1,8 @@
-"""common.parallel: blocks of runs, their concatenation, and a real two-process run."""
+"""common.synthetic.parallel: blocks of runs, their concatenation, and a real two-process run."""
 import numpy as np
 import pytest
 
-from common import parallel
+from common.synthetic import parallel
 
 
 def test_split_runs_covers_every_run_once_in_near_equal_blocks():

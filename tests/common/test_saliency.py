@@ -8,7 +8,7 @@ from torch import nn
 from common.divergence import nontarget_js
 from common.saliency import (Intervention, channel_count, intervene, joint_train, remove_channels, removal_indices,
                              resolve_place, saliency_vector)
-from common.vectorized import batched_mlp
+from common.synthetic.vectorized import batched_mlp
 
 SHARED = [2, 5, 7]  # features both modalities see, and the only ones the label depends on
 TEACHER_ONLY = 9

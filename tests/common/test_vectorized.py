@@ -1,4 +1,4 @@
-"""common.vectorized: R stacked models == R separate models (forward, seeded init, full-batch SGD training)."""
+"""common.synthetic.vectorized: R stacked models == R separate models (forward, seeded init, full-batch SGD training)."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.kd import build_objective
-from common.vectorized import BatchedLinear, accuracy, batched_mlp, cross_entropy_sum, fit
+from common.synthetic.vectorized import BatchedLinear, accuracy, batched_mlp, cross_entropy_sum, fit
 
 DT = torch.float64
 

@@ -94,7 +94,7 @@ def test_gt_picks_shared_and_random_does_not_repeat():
 
 def test_padded_teacher_equals_a_model_of_its_own_width():
     """Zero-padding the selected columns trains each run exactly as a model of its own width."""
-    from common.vectorized import fit
+    from common.synthetic.vectorized import fit
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(2, 6, 40, generator=gen), torch.randint(0, 2, (2, 40), generator=gen)
     cols = [np.array([1, 4]), np.array([0, 2, 3, 5])]

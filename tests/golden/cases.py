@@ -151,7 +151,7 @@ def _tiny_models():
 
 def saliency_cases() -> dict:
     from common.saliency import joint_train, removal_indices, saliency_vector
-    from common.vectorized import batched_mlp
+    from common.synthetic.vectorized import batched_mlp
 
     out = {}
     teacher, student, batches = _tiny_models()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import native
+from common.synthetic import native
 from common.config import ConfigError, load_yaml
 from sklearn_exp import experiment
 from sklearn_exp import main as sk_main

@@ -1,6 +1,6 @@
 /* Full-batch SGD of small ReLU MLPs on a closed-form loss, fused over tiles of samples.
  *
- * The native engine of common/fastfit.py (built and loaded by common/native.py; plain C, no Python or torch
+ * The native engine of common/synthetic/fastfit.py (built and loaded by common/synthetic/native.py; plain C, no Python or torch
  * headers, so it compiles in about a second). One call trains one run: one model on a CE / CE + KL loss, or the two
  * models of Alg. 1's joint training on CE + CE + agreement, for `epochs` epochs of SGD with momentum, and writes the
  * weights back into the caller's (torch) arrays.
