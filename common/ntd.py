@@ -62,8 +62,8 @@ def _as_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def check_logits(logits: Any, where: str) -> np.ndarray:
-    """(N, C) finite float logits with C ≥ 2 → float32 array; otherwise a one-line DataError naming `where`.
+def check_logits(logits: Any, where: str, dtype=np.float32) -> np.ndarray:
+    """(N, C) finite float logits with C ≥ 2 → array of `dtype` (float32, the file format); otherwise a one-line DataError naming `where`.
 
     One column (or a 1-D array) is a regression output (M2PKD's arousal / valence): there is no class distribution,
     so no target or non-target part, and the advisor refuses it rather than inventing an analog."""
@@ -82,7 +82,7 @@ def check_logits(logits: Any, where: str) -> np.ndarray:
     if bad.any():
         row = int(np.argwhere(bad)[0][0])
         raise DataError(f"{where}: {int(bad.sum())} non-finite logits (NaN/inf), first in row {row}")
-    return a.astype(np.float32, copy=False)
+    return a.astype(dtype, copy=False)
 
 
 def check_labels(labels: Any, n: int, classes: int, where: str) -> np.ndarray:
@@ -310,8 +310,8 @@ class VerdictRule:
 
 def _check_pair(teacher_logits, probe_logits, labels, sources: dict | None):
     src = {"teacher": "teacher logits", "probe": "probe logits", "labels": "labels", **(sources or {})}
-    t = check_logits(teacher_logits, src["teacher"])
-    p = check_logits(probe_logits, src["probe"])
+    t = check_logits(teacher_logits, src["teacher"], np.float64)
+    p = check_logits(probe_logits, src["probe"], np.float64)
     if t.shape != p.shape:
         raise DataError(f"{src['probe']}: shape {tuple(p.shape)} does not match {src['teacher']} {tuple(t.shape)} "
                         f"(the same samples and classes, row by row)")
@@ -730,6 +730,11 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 
 def _scores(arg: str, role: str, tag: str | None) -> tuple[Logits, Path]:
+    """A role's logits from a file or a run directory; a tagged teacher shares the untagged probe when the run
+    directory has no probe of that tag (one no-KD baseline for several teachers)."""
+    if role == "probe" and tag and Path(arg).is_dir():
+        tagged = [d / f"probe_{tag}.npz" for d in (Path(arg) / "ntd", Path(arg))]
+        tag = tag if any(f.exists() for f in tagged) else None
     path = resolve_logits(arg, role, tag)
     return read_scores(path, f"{role} logits"), path
 
