@@ -80,6 +80,10 @@ class SSCNpz(Dataset):
     def _shape(self, path, key, arr, want):
         if tuple(arr.shape) != tuple(want):
             raise DataError(f"{path}: key '{key}' has shape {tuple(arr.shape)}, expected {tuple(want)}")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            first = np.unravel_index(int(np.flatnonzero(~np.isfinite(arr))[0]), arr.shape)
+            raise DataError(f"{path}: key '{key}' holds a non-finite value ({arr[first]}) at index "
+                            f"{tuple(int(i) for i in first)}")
 
     def __getitem__(self, i: int) -> dict:
         path = self.files[i]

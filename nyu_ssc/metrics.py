@@ -2,6 +2,9 @@
 on the evaluation region (nonempty: occluded + surface voxels), never mutating the inputs.
 
 Two aggregations, both always computed and labelled:
+Keys: `precision`, `recall` and `sc_iou` are scene completion (occupied vs empty: the SSC papers' "completion IoU"),
+`miou` the semantic mean IoU over classes 1..11, `iou` per class, `pixel_acc` the semantic voxel accuracy.
+
   dataset    (default) counts tp / fp / fn over every region voxel of the dataset (common.metrics.ConfusionMatrix),
              ignored voxels (255) left out; mIoU over the 11 classes 1..11 present in ground truth or predictions.
   per_sample (the reference, `--parity`): on a copy of the target with 255 → 0 (the reference mutates its target
@@ -15,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from common import ddp
 from common.metrics import ConfusionMatrix
 from nyu_ssc.config import CLASS_NAMES, IGNORE, NUM_CLASSES
 
@@ -59,12 +63,25 @@ class SSCMetrics:
         self._ps_acc.append(float(np.mean(accs)))
         return self
 
+    def all_reduce(self) -> "SSCMetrics":
+        """Combine the ranks of a torchrun job (each evaluated its shard of the scenes); a no-op in one process."""
+        if ddp.world_size() == 1:
+            return self
+        self.semantic.all_reduce()
+        self.completion.all_reduce()
+        sums = ddp.all_reduce_sum(torch.from_numpy(np.stack([self._ps_iou_sum, self._ps_cnt])))
+        self._ps_iou_sum, self._ps_cnt = sums[0].numpy(), sums[1].numpy()
+        gathered = ddp.all_gather_object((self._ps_comp, self._ps_acc))
+        self._ps_comp = [c for part in gathered for c in part[0]]
+        self._ps_acc = [a for part in gathered for a in part[1]]
+        return self
+
     def dataset(self) -> dict:
         m = self.completion.mat.double()
         tp, fp, fn = m[1, 1].item(), m[0, 1].item(), m[1, 0].item()
         iou = self.semantic.iou().numpy()
         return {"precision": tp / (tp + fp) if tp + fp else 0.0, "recall": tp / (tp + fn) if tp + fn else 0.0,
-                "ssc_iou": tp / (tp + fp + fn) if tp + fp + fn else 0.0,
+                "sc_iou": tp / (tp + fp + fn) if tp + fp + fn else 0.0,
                 "pixel_acc": self.semantic.pixel_accuracy(),
                 "miou": float(np.nanmean(iou[1:])) if np.isfinite(iou[1:]).any() else 0.0,
                 "iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(CLASS_NAMES, iou)}}
@@ -73,7 +90,7 @@ class SSCMetrics:
         comp = np.mean(self._ps_comp, 0) if self._ps_comp else np.zeros(3)
         iou = np.where(self._ps_cnt > 0, self._ps_iou_sum / np.maximum(self._ps_cnt, 1), 0.0)
         seen = int((self._ps_cnt[1:] > 0).sum())
-        return {"precision": float(comp[0]), "recall": float(comp[1]), "ssc_iou": float(comp[2]),
+        return {"precision": float(comp[0]), "recall": float(comp[1]), "sc_iou": float(comp[2]),
                 "pixel_acc": float(np.mean(self._ps_acc)) if self._ps_acc else 0.0,
                 "miou": float(iou[1:].sum() / seen) if seen else 0.0,
                 "iou": {n: float(v) for n, v in zip(CLASS_NAMES, iou)}}
@@ -85,5 +102,5 @@ class SSCMetrics:
 def format_result(res: dict, label: str) -> str:
     ious = " ".join(f"{(v if v is not None else float('nan')) * 100:.1f}" for v in res["iou"].values())
     return (f"[{label}] completion p {res['precision'] * 100:.2f}%, r {res['recall'] * 100:.2f}%, "
-            f"IoU {res['ssc_iou'] * 100:.2f}% | pixel-acc {res['pixel_acc'] * 100:.2f}%, mean IoU "
-            f"{res['miou'] * 100:.2f}%, SSC IoU: [{ious}]")
+            f"IoU {res['sc_iou'] * 100:.2f}% | pixel-acc {res['pixel_acc'] * 100:.2f}%, mean IoU "
+            f"{res['miou'] * 100:.2f}%, per-class IoU: [{ious}]")

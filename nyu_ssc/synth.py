@@ -125,7 +125,7 @@ def write_npz_split(folder, n: int, seed: int, cfg: dict, prefix: str = "NYU") -
 _INV_MAP = np.array([int(np.flatnonzero(C.SEG_CLASS_MAP == c)[0]) for c in range(C.NUM_CLASSES)], dtype=np.uint32)
 
 
-def write_sscnet_scene(folder, stem: str, scene: dict, order: str = "zyx") -> Path:
+def write_sscnet_scene(folder, stem: str, scene: dict, order: str = "xyz") -> Path:
     """Write a scene as the SSCNet release does: <stem>.png (uint16, bit-rotated mm), <stem>.bin, <stem>_rgb.png."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,6 @@
-"""AICNet (Li et al. 2020): anisotropic convolutions with a per-voxel softmax over kernel sizes, RGB-D."""
+"""AICNet (Li et al., "Anisotropic Convolutional Networks for 3D Semantic Scene Completion", CVPR 2020;
+reference repository waterljwant/SSC, `models/AICNet.py`):
+anisotropic convolutions with a per-voxel softmax over kernel sizes, RGB-D."""
 from __future__ import annotations
 
 import torch
@@ -33,7 +35,8 @@ class BasicAIC3d(nn.Module):
         b, _, d, h, w = x.shape
         mx = self.conv_mx(x).view(b, 3, self.n, 1, d, h, w).softmax(2)   # (B, axis, kernel, 1, D, H, W)
         y = x
-        for axis, convs in ((0, self.conv_x), (1, self.conv_y), (2, self.conv_z)):
+        # the kernel weights come in (z, y, x) order, as `AICNet.py` `BasicAIC3d` splits them (checkpoint-compatible)
+        for axis, convs in ((2, self.conv_x), (1, self.conv_y), (0, self.conv_z)):
             y = sum(mx[:, axis, k] * F.relu(conv(y)) for k, conv in enumerate(convs))
         return F.relu(y + x if self.residual else y)
 
@@ -57,7 +60,7 @@ class SSCRGBDAICNet(nn.Module):
     def __init__(self, num_classes: int = 12, project: Project2Dto3D | None = None, kernels=(3, 5, 7)):
         super().__init__()
         project = project or Project2Dto3D()
-        self.stems = nn.ModuleDict({"depth": Stem(1, project, c_mid=8), "rgb": Stem(3, project, c_mid=8)})
+        self.stems = nn.ModuleDict({"depth": Stem(1, project, c_mid3d=8), "rgb": Stem(3, project, c_mid3d=8)})
         self.blocks = nn.ModuleDict({s: nn.ModuleList([BottleneckAIC3d(64, 32, 64, kernels) for _ in range(3)])
                                      for s in self.inputs})
         self.fuse = nn.Sequential(BottleneckAIC3d(256, 64, 256, kernels), BottleneckAIC3d(256, 64, 256, kernels))

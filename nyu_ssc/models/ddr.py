@@ -1,4 +1,6 @@
-"""DDR building blocks (dimensional decomposition residual units, spec §8.2) shared by DDRNet, AICNet and GRFNet."""
+"""DDR building blocks (dimensional decomposition residual units; Li et al., "RGBD Based Dimensional Decomposition
+Residual Network for 3D Semantic Scene Completion", CVPR 2019, Sec. 3) shared by DDRNet, AICNet and GRFNet, laid out as
+the reference repository waterljwant/SSC, `models/DDR.py`."""
 from __future__ import annotations
 
 import torch
@@ -50,11 +52,12 @@ class BottleneckDDR3d(nn.Module):
 
 
 class DownsampleBlock3d(nn.Module):
-    """cat[Conv3d(ci, co − ci, 3, stride 2), MaxPool3d(2)] → ReLU: halves every axis (sizes must be even)."""
+    """cat[Conv3d(ci, co − ci, 3, stride 2, no bias), MaxPool3d(2)] → ReLU: halves every axis (sizes must be even);
+    `DDR.py` `DownsampleBlock3d`."""
 
     def __init__(self, c_in, c_out):
         super().__init__()
-        self.conv = nn.Conv3d(c_in, c_out - c_in, 3, stride=2, padding=1)
+        self.conv = nn.Conv3d(c_in, c_out - c_in, 3, stride=2, padding=1, bias=False)
         self.pool = nn.MaxPool3d(2, stride=2)
 
     def forward(self, x):
@@ -62,29 +65,33 @@ class DownsampleBlock3d(nn.Module):
 
 
 class DDRASPP3d(nn.Module):
-    """ASPP of DDR units: cat[1×1×1; DDR d=6; d=12; d=18; global pool + 1×1×1 upsampled] → 5·c_out channels."""
+    """ASPP of DDR units, `DDR.py` `DDR_ASPP3d`: cat[1×1×1 conv; DDR d=6; d=12; d=18; global average pool + 1×1×1
+    conv, upsampled] → 5·c_out channels. As upstream, the 1×1×1 branch and the pooled branch are plain linear convs
+    (no bias, no ReLU), so their outputs may be negative; only the DDR branches end in a ReLU."""
 
     def __init__(self, c_in, c, c_out):
         super().__init__()
-        self.conv1 = nn.Conv3d(c_in, c_out, 1)
+        self.conv1 = nn.Conv3d(c_in, c_out, 1, bias=False)
         self.aspp = nn.ModuleList([BottleneckDDR3d(c_in, c, c_out, dilation=d, residual=False) for d in (6, 12, 18)])
-        self.pool_conv = nn.Conv3d(c_in, c_out, 1)
+        self.pool_conv = nn.Conv3d(c_in, c_out, 1, bias=False)
 
     def forward(self, x):
-        g = F.relu(self.pool_conv(F.adaptive_avg_pool3d(x, 1)))
-        g = F.interpolate(g, size=x.shape[2:], mode="trilinear", align_corners=False)
-        return torch.cat([F.relu(self.conv1(x)), *[m(x) for m in self.aspp], g], 1)
+        g = self.pool_conv(F.adaptive_avg_pool3d(x, 1))
+        g = F.interpolate(g, size=x.shape[2:], mode="trilinear", align_corners=True)
+        return torch.cat([self.conv1(x), *[m(x) for m in self.aspp], g], 1)
 
 
 class Stem(nn.Module):
-    """One modality's stream up to 64 channels at 1/4 resolution: 2-D DDR features, projection, two downsamples."""
+    """One modality's stream up to 64 channels at 1/4 resolution: 2-D DDR features (bottleneck width `c_mid2d`),
+    projection, two downsamples (the first 3-D bottleneck of width `c_mid3d`). DDRNet uses 4 / 4
+    (`DDRNet.py` `SSC_RGBD_DDRNet`), AICNet 4 / 8 (`AICNet.py` `SSC_RGBD_AICNet`)."""
 
-    def __init__(self, c_in, project: nn.Module, c2d: int = 8, c_mid: int = 4):
+    def __init__(self, c_in, project: nn.Module, c2d: int = 8, c_mid2d: int = 4, c_mid3d: int = 4):
         super().__init__()
-        self.feature2d = nn.Sequential(nn.Conv2d(c_in, c2d, 1), BottleneckDDR2d(c2d, c_mid, c2d),
-                                       BottleneckDDR2d(c2d, c_mid, c2d))
+        self.feature2d = nn.Sequential(nn.Conv2d(c_in, c2d, 1), BottleneckDDR2d(c2d, c_mid2d, c2d),
+                                       BottleneckDDR2d(c2d, c_mid2d, c2d))
         self.project = project
-        self.feature3d = nn.Sequential(DownsampleBlock3d(c2d, 16), BottleneckDDR3d(16, 4, 16),
+        self.feature3d = nn.Sequential(DownsampleBlock3d(c2d, 16), BottleneckDDR3d(16, c_mid3d, 16),
                                        DownsampleBlock3d(16, 64), BottleneckDDR3d(64, 16, 64))
 
     def forward(self, x, position):

@@ -45,7 +45,7 @@ class SSCRGBDGRFNet(nn.Module):
         for bd, br in zip(self.res["depth"], self.res["rgb"]):
             xd, xr = bd(xd), br(xr)
             seq += [xd, xr]
-        # the reference starts from depth + depth (spec §12 #74); fixed: depth + rgb
+        # `GRFNet.py` `SSC_RGBD_GRFNet.forward` starts from depth + depth (a slip); fixed: depth + rgb
         h = seq[0] + (seq[0] if self.parity else seq[1])
         for x in seq:                                    # depth, rgb, depth, rgb, ... (8 steps)
             h = self.gru(x, h)

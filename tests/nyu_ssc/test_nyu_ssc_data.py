@@ -27,7 +27,7 @@ def test_bin_order_class_map_and_errors(tmp_path):
     raw = np.fromfile(path, np.uint8)
     flat = sscnet.decode_rle(raw[76:].view(np.uint32), int(np.prod(grid)))
     w, h, d = grid
-    assert flat[(3 * h + 2) * w + 1] == 5          # SSCNet order: index = (z·H + y)·W + x
+    assert flat[(1 * h + 2) * d + 3] == 5          # C order over (x, y, z): index = (x·H + y)·D + z
     origin, cam, labels = sscnet.read_bin(path, grid)
     np.testing.assert_allclose(origin, [1, 2, 3])
     np.testing.assert_allclose(cam, pose)

@@ -97,3 +97,27 @@ def test_load_weights_reads_reference_checkpoints(tmp_path):
         torch.testing.assert_close(a, b, msg=k)
     with pytest.raises(DataError, match=r"cp\.pth\.tar: checkpoint does not match the model"):
         load_weights(make_model("palnet", grid=(8, 4, 8)), tmp_path / "cp.pth.tar")
+
+
+def test_ddr_aspp_matches_upstream_layers():
+    """`DDR.py` `DDR_ASPP3d`: the 1×1×1 and the pooled branch are bias-free linear convs (no ReLU), so they can be
+    negative; `DownsampleBlock3d`'s conv has no bias either."""
+    from nyu_ssc.models.ddr import DDRASPP3d, DownsampleBlock3d
+    torch.manual_seed(0)
+    aspp = DDRASPP3d(8, 4, 6)
+    assert aspp.conv1.bias is None and aspp.pool_conv.bias is None
+    assert DownsampleBlock3d(8, 16).conv.bias is None
+    y = aspp(torch.randn(1, 8, 4, 4, 4))
+    assert y.shape == (1, 30, 4, 4, 4)
+    assert (y[:, :6] < 0).any() and (y[:, 24:] < 0).any()          # linear branches keep their sign
+    assert (y[:, 6:24] >= 0).all()                                  # the DDR branches end in a ReLU
+
+
+def test_aicnet_stem_widths_match_upstream():
+    """`AICNet.py` `SSC_RGBD_AICNet`: 2-D bottlenecks BottleneckDDR2d(8, 4, 8), then BottleneckDDR3d(16, 8, 16)."""
+    m = make_model("aicnet", grid=(8, 4, 8))
+    for stem in m.stems.values():
+        assert stem.feature2d[1].conv_in.out_channels == 4 and stem.feature2d[2].conv_in.out_channels == 4
+        assert stem.feature3d[1].conv_in.out_channels == 8 and stem.feature3d[3].conv_in.out_channels == 16
+    d = make_model("ddrnet", grid=(8, 4, 8)).stems["depth"]
+    assert d.feature2d[1].conv_in.out_channels == 4 and d.feature3d[1].conv_in.out_channels == 4
