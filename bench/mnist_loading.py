@@ -1,5 +1,6 @@
 """mnist: one training epoch with the device-resident loader + per-batch tensor noise (ours) vs a per-sample
-PIL / numpy Dataset + DataLoader like the reference's CrossModalData (spec §4.2), same data, same model and step.
+PIL / numpy Dataset + DataLoader like the reference's CrossModalData (NTDH
+MNIST/dataloader/dataset.py), same data, same model and step.
 
     python bench/mnist_loading.py [--samples 4096] [--hidden 1024,256] [--device auto]
 

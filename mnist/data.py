@@ -1,5 +1,6 @@
 """MNIST / MNIST-M data: readers for the real on-disk formats, the MNIST-M composition, the offline stand-in, and a
-device-resident batch loader with per-batch noise (spec §4.1, §4.2).
+device-resident batch loader with per-batch noise (the NTDH repository's MNIST/dataloader/create_mnistm.py
+and MNIST/dataloader/dataset.py, `CrossModalData`).
 
 On-disk formats read here (under `data.root`):
   * the reference's pickle layout: `MNIST/mnist_data.pkl` and `MNIST_M/mnist_m_data.pkl`, each a dict with `train`
@@ -37,7 +38,9 @@ PICKLE_MNISTM = Path("MNIST_M") / "mnist_m_data.pkl"
 PICKLE_KEYS = ("train", "train_label", "val", "val_label")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 BSDS_TRAIN_PREFIX = "BSR/BSDS500/data/images/train/"
-SOURCES = ("auto", "pickle", "idx", "standin")
+SOURCES = ("auto", "pickle", "idx", "standin", "download")
+STANDIN_SOURCE = "offline stand-in (sklearn digits + sample photos)"
+STANDIN_NOTE = "stand-in: smoke test only"
 
 
 @dataclass
@@ -58,6 +61,10 @@ class Pair:
     train: Split
     test: Split
     source: str           # "pickle", "idx", "standin" and where from, for the log
+
+    @property
+    def is_standin(self) -> bool:
+        return self.source == STANDIN_SOURCE
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -147,7 +154,7 @@ def _check_labels(labels: np.ndarray, where) -> None:
 
 
 def write_pickle_layout(root: str | Path, train: Split, test: Split) -> tuple[Path, Path]:
-    """Write `MNIST/mnist_data.pkl` and `MNIST_M/mnist_m_data.pkl` under root (keys of spec §4.1)."""
+    """Write `MNIST/mnist_data.pkl` and `MNIST_M/mnist_m_data.pkl` under root (the keys create_mnistm.py writes)."""
     root = Path(root)
     gray3 = lambda a: np.repeat(a[..., None], 3, axis=-1)
     paths = []
@@ -201,7 +208,7 @@ def _paired(mnist: np.ndarray, mnist_m: np.ndarray, labels_a, labels_b, where: s
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# MNIST-M composition (spec §4.1)
+# MNIST-M composition (NTDH MNIST/dataloader/create_mnistm.py; Ganin & Lempitsky, ICML 2015, Sec. 5)
 
 
 def compose_mnistm(digits: np.ndarray, backgrounds: list[np.ndarray], seed: int) -> np.ndarray:
@@ -304,50 +311,92 @@ def standin_pair(seed: int, test_fraction: float) -> tuple[Split, Split]:
 # Choosing the source
 
 
-def load_pair(data_cfg: dict, base: Path, log: Callable[[str], None] = print) -> Pair:
-    """MNIST / MNIST-M train and test splits from `data.root` by `data.source` (auto | pickle | idx | standin).
+def load_pair(data_cfg: dict, base: Path, log: Callable[[str], None] = print, *, explicit_root: bool = True) -> Pair:
+    """MNIST / MNIST-M train and test splits from `data.root` by `data.source` (auto | pickle | idx | standin |
+    download). Relative paths in data_cfg (`root`, `backgrounds`) are taken relative to `base` (the experiment folder).
 
-    Relative paths in data_cfg (`root`, `backgrounds`) are taken relative to `base` (the experiment folder)."""
+    With `auto`, a root that holds no MNIST falls back to the offline stand-in only when it is the default root
+    (`explicit_root=False`), announced in the log; a root the user named must exist and hold data."""
     source = data_cfg["source"]
     root = _resolve(base, data_cfg["root"])
     if source not in SOURCES:
         raise ConfigError(f"data.source: expected one of {', '.join(SOURCES)}, got {source!r}")
+    if source == "download":
+        backgrounds = download(root, data_cfg["bsds_url"], log)
+        return _from_idx(find_idx(root), root, {**data_cfg, "backgrounds": str(backgrounds)}, base)
     if source in ("auto", "pickle") and (root / PICKLE_MNIST).is_file():
-        mnist, pm = read_pickle_mnist(root)
-        if not (root / PICKLE_MNISTM).is_file():
-            raise DataError(f"{root / PICKLE_MNISTM}: missing (MNIST-M pickle to pair with {pm}); "
-                            f"build it with `python build_mnistm.py`")
-        mnist_m, pmm = read_pickle_mnistm(root)
-        train = _paired(mnist["train"][..., 0], mnist_m["train"], mnist["train_label"], mnist_m["train_label"],
-                        f"{pm} / {pmm} (train)")
-        test = _paired(mnist["val"][..., 0], mnist_m["val"], mnist["val_label"], mnist_m["val_label"],
-                       f"{pm} / {pmm} (val)")
-        return Pair(train, test, f"pickle layout under {root}")
+        return _from_pickle(root)
     if source == "pickle":
         raise DataError(f"{root / PICKLE_MNIST}: missing (data.source is 'pickle')")
     files = find_idx(root) if source in ("auto", "idx") and root.is_dir() else None
     if files is not None:
-        (tr_x, tr_y), (te_x, te_y) = read_mnist_idx(files)
-        if (root / PICKLE_MNISTM).is_file():
-            mnist_m, pmm = read_pickle_mnistm(root)
-            train = _paired(tr_x, mnist_m["train"], tr_y, mnist_m["train_label"], f"{files['train_labels']} / {pmm}")
-            test = _paired(te_x, mnist_m["val"], te_y, mnist_m["val_label"], f"{files['test_labels']} / {pmm}")
-            return Pair(train, test, f"IDX files in {files['train_images'].parent} + {pmm}")
-        if not data_cfg["backgrounds"]:
-            raise DataError(f"{root / PICKLE_MNISTM}: missing; MNIST IDX files were found but MNIST-M was not. "
-                            f"Build it with `python build_mnistm.py --backgrounds BSR_bsds500.tgz` or set "
-                            f"data.backgrounds to compose it in memory")
-        bgs = load_backgrounds(_resolve(base, data_cfg["backgrounds"]))
-        seed = data_cfg["mnistm_seed"]
-        train = Split(tr_x, compose_mnistm(tr_x, bgs, seed), tr_y)
-        test = Split(te_x, compose_mnistm(te_x, bgs, seed + 1), te_y)
-        return Pair(train, test, f"IDX files in {files['train_images'].parent} + MNIST-M composed in memory")
+        return _from_idx(files, root, data_cfg, base)
     if source == "idx":
         raise DataError(f"{root}: no MNIST IDX files ({', '.join(IDX_FILES.values())}[.gz]) (data.source is 'idx')")
-    log(f"NOTE: no MNIST under {root} -- using the OFFLINE STAND-IN: scikit-learn's 1797 handwritten digits "
-        f"upsampled to 28x28 (MNIST) composed onto scikit-learn's sample photos (MNIST-M). Numbers are not MNIST's.")
+    if source == "auto" and explicit_root:
+        what = "does not exist" if not root.exists() else "holds no MNIST (neither the pickle layout " \
+            f"{PICKLE_MNIST} nor the IDX files {IDX_FILES['train_images']}[.gz])"
+        raise DataError(f"{root}: data root {what}; set data.source=standin for the offline stand-in")
+    log(f"NOTE: {'no MNIST under ' + str(root) + ' -- using' if source == 'auto' else 'data.source standin:'} the "
+        f"OFFLINE STAND-IN (stand-in: smoke test only): scikit-learn's 1797 handwritten digits upsampled to 28x28 "
+        f"(MNIST) composed onto scikit-learn's sample photos (MNIST-M). Numbers are not MNIST's.")
     train, test = standin_pair(data_cfg["mnistm_seed"], data_cfg["standin_test_fraction"])
-    return Pair(train, test, "offline stand-in (sklearn digits + sample photos)")
+    return Pair(train, test, STANDIN_SOURCE)
+
+
+def _from_pickle(root: Path) -> Pair:
+    mnist, pm = read_pickle_mnist(root)
+    if not (root / PICKLE_MNISTM).is_file():
+        raise DataError(f"{root / PICKLE_MNISTM}: missing (MNIST-M pickle to pair with {pm}); "
+                        f"build it with `python build_mnistm.py`")
+    mnist_m, pmm = read_pickle_mnistm(root)
+    train = _paired(mnist["train"][..., 0], mnist_m["train"], mnist["train_label"], mnist_m["train_label"],
+                    f"{pm} / {pmm} (train)")
+    test = _paired(mnist["val"][..., 0], mnist_m["val"], mnist["val_label"], mnist_m["val_label"],
+                   f"{pm} / {pmm} (val)")
+    return Pair(train, test, f"pickle layout under {root}")
+
+
+def _from_idx(files: dict[str, Path] | None, root: Path, data_cfg: dict, base: Path) -> Pair:
+    if files is None:
+        raise DataError(f"{root}: no MNIST IDX files ({', '.join(IDX_FILES.values())}[.gz])")
+    (tr_x, tr_y), (te_x, te_y) = read_mnist_idx(files)
+    if (root / PICKLE_MNISTM).is_file():
+        mnist_m, pmm = read_pickle_mnistm(root)
+        train = _paired(tr_x, mnist_m["train"], tr_y, mnist_m["train_label"], f"{files['train_labels']} / {pmm}")
+        test = _paired(te_x, mnist_m["val"], te_y, mnist_m["val_label"], f"{files['test_labels']} / {pmm}")
+        return Pair(train, test, f"IDX files in {files['train_images'].parent} + {pmm}")
+    if not data_cfg["backgrounds"]:
+        raise DataError(f"{root / PICKLE_MNISTM}: missing; MNIST IDX files were found but MNIST-M was not. "
+                        f"Build it with `python build_mnistm.py --backgrounds BSR_bsds500.tgz` or set "
+                        f"data.backgrounds to compose it in memory")
+    bgs = load_backgrounds(_resolve(base, data_cfg["backgrounds"]))
+    seed = data_cfg["mnistm_seed"]
+    train = Split(tr_x, compose_mnistm(tr_x, bgs, seed), tr_y)
+    test = Split(te_x, compose_mnistm(te_x, bgs, seed + 1), te_y)
+    return Pair(train, test, f"IDX files in {files['train_images'].parent} + MNIST-M composed in memory")
+
+
+def download(root: Path, bsds_url: str, log: Callable[[str], None] = print) -> Path:
+    """`data.source: download`, for machines with internet: torchvision's MNIST download (IDX files under
+    root/MNIST/raw, checked against torchvision's md5 sums) and the BSDS500 tarball (root/BSR_bsds500.tgz), whose
+    train images MNIST-M is composed onto, as the reference's create_mnistm.py. Files already there are kept."""
+    from torchvision.datasets import MNIST
+    from torchvision.datasets import utils as tv_utils
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        for train in (True, False):
+            MNIST(str(root), train=train, download=True)
+        tarball = root / Path(bsds_url).name
+        if not tarball.is_file():
+            log(f"downloading {bsds_url} -> {tarball}")
+            tv_utils.download_url(bsds_url, str(root), tarball.name)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; torchvision raises RuntimeError on bad files
+        raise DataError(f"{root}: data.source download failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                        f"download MNIST and BSR_bsds500.tgz by hand into it") from None
+    if not tarball.is_file():
+        raise DataError(f"{tarball}: missing after the download of {bsds_url}")
+    return tarball
 
 
 def _resolve(base: Path, p) -> Path:
@@ -403,7 +452,7 @@ class BatchLoader:
 class Prepare:
     """`prepare(batch)` for common.classify.fit: noisy, normalised, flattened student / teacher inputs, on the device.
 
-    Noise as spec §4.2: v = clip(x/255 + L·U[0,1), 0, 1), quantised to 1/255 steps (the reference's uint8 round trip,
+    Noise as CrossModalData._add_noise (NTDH MNIST/dataloader/dataset.py): v = clip(x/255 + L·U[0,1), 0, 1), quantised to 1/255 steps (the reference's uint8 round trip,
     `quantize`), then normalised to [−1, 1]. MNIST-M gets L = noise_level, MNIST L = mnist_factor·noise_level. The
     MNIST input is the grayscale digit (784; the reference's channel 0 of a replicated image), MNIST-M is 3×28×28
     channel-first (2352). stu_type 0: student MNIST-M, teacher MNIST; 1: the other way round.

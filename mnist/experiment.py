@@ -1,9 +1,10 @@
-"""The MNIST → MNIST-M pipelines (spec §4.4): Algorithm 1 (`cal_tag`), distillation from the channel-removed saliency
+"""The MNIST → MNIST-M pipelines (the NTDH repository's MNIST/main.py and MNIST/utils/helper.py): Algorithm 1 (`cal_tag`), distillation from the channel-removed saliency
 teacher (`eval_tag`), the no-KD baseline (`base_line`) and input-gradient heat maps (`heat_map`)."""
 from __future__ import annotations
 
 import copy
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -13,17 +14,19 @@ import torch
 
 from common import classify, plots
 from common import saliency as alg1
-from common.config import ConfigError, DataError
+from common.config import ConfigError, DataError, atomic_write, load_yaml
 from common.kd import available_losses, build_objective
 from mnist import data as D
-from mnist.models import MLP, load_model, save_model
+from mnist.models import MLP, first_nonfinite, load_model, save_model, state_hash
 
 TEACHER_CKPT = "teacher_overlap.pth"
 STUDENT_CKPT = "student_overlap.pth"
 
 
 def tag_name(place: int) -> str:
-    return f"saliency_teacher_place{place}.npy"
+    """The saliency file: `saliency` (channels,) float32 and `teacher_sha256`, the identity of the teacher it was
+    computed from (models.state_hash), so that --eval_tag never pairs it with another teacher."""
+    return f"saliency_teacher_place{place}.npz"
 
 
 @dataclass
@@ -48,10 +51,11 @@ class Setup:
 
 def make_setup(cfg: dict, device, base: Path, log: Callable[[str], None] = print) -> Setup:
     dc = cfg["data"]
-    pair = D.load_pair(dc, base, log)
+    default_root = load_yaml(base / "config.yaml")["data"]["root"]
+    pair = D.load_pair(dc, base, log, explicit_root=dc["root"] != default_root)
     seed = cfg["seed"]
     if cfg["parity"]:
-        # spec §12 item 32: the reference's "val" loader is its test split, so selection happens on test.
+        # NTDH MNIST/dataloader/dataset.py gen_data: the "val" loader is the test split, so selection happens on test.
         train, val = pair.train, pair.test
         log("parity: model selection on the test split, as the reference (no validation split)")
     else:
@@ -157,7 +161,7 @@ def cal_tag(s: Setup, rd) -> dict:
     place_name = teacher.place_name(place)
     batches = list(_prepared(s, s.tag_loader, cc["max_batches"]))
     if cfg["parity"]:
-        batches = batches[-1:]  # spec §12 item 35: the reference kept only the last batch
+        batches = batches[-1:]  # helper.py cal_overlap_tag overwrites the tag per batch: only the last counts
     generator = torch.Generator().manual_seed(cfg["seed"] + 2)
     started = time.perf_counter()
     sal = alg1.saliency_vector(teacher, student, batches, place_name, op=cc["op"], distance=cc["distance"],
@@ -165,8 +169,7 @@ def cal_tag(s: Setup, rd) -> dict:
                                progress=cfg["progress"], desc=f"saliency@{place_name}")
     seconds = time.perf_counter() - started
     sal_np = sal.cpu().numpy().astype(np.float32)
-    tag_path = rd.path / tag_name(place)
-    np.save(tag_path, sal_np)
+    tag_path = save_tag(rd.path / tag_name(place), sal_np, teacher)
     s.log(f"saliency at place {place} ({place_name}, {sal_np.size} channels, op {cc['op']}, distance "
           f"{cc['distance']}) over {sum(len(b[2]) for b in batches)} samples in {seconds:.1f} s -> {tag_path}")
     plot_paths = []
@@ -207,8 +210,6 @@ def loss_config(cfg: dict) -> dict:
     else:
         raise ConfigError(f"distill.method: unknown {method!r}; expected one of "
                           f"{', '.join(sorted(set(dc['methods']) | set(available_losses())))}")
-    if dc["mask"] not in ("none", "omega"):
-        raise ConfigError(f"distill.mask: expected none or omega, got {dc['mask']!r}")
     out = {"ce": {"weight": dc["gt_weight"]}}
     if not isinstance(terms, dict):
         raise ConfigError(f"distill.methods.{method}: expected a mapping of KD terms, got {terms!r}")
@@ -226,21 +227,31 @@ def loss_config(cfg: dict) -> dict:
     return {"terms": out, "mask": dc["mask"], "omega": dc["omega"]}
 
 
+def _context(cfg: dict, labels: np.ndarray) -> dict:
+    return {"student_dim": 10, "teacher_dim": 10, "n_data": len(labels), "dataset_labels": torch.from_numpy(labels)}
+
+
+def build_kd_objective(cfg: dict, labels: np.ndarray, distill: bool = True):
+    """The student's Objective: CE only (no-KD baseline) or the configured distillation; a bad term option is a
+    ConfigError naming the method."""
+    loss_cfg = loss_config(cfg) if distill else {"terms": {"ce": {"weight": 1.0}}, "mask": "none"}
+    try:
+        return build_objective(loss_cfg, context=_context(cfg, labels))
+    except (TypeError, ValueError, KeyError) as e:
+        raise ConfigError(f"distill.methods.{cfg['distill']['method']}: {e}") from None
+
+
+def check_objective(cfg: dict) -> None:
+    """Build the distillation objective once at config time (unknown method, term or option: one-line error)."""
+    build_kd_objective(cfg, np.arange(64) % 10)
+
+
 def train_student(s: Setup, rd, teacher, tag: str, run: int) -> classify.FitResult:
     """One student (fresh MLP, seeded by run so every mode starts from the same weights) trained by fit()."""
     cfg, tc = s.cfg, s.cfg["train"]
     torch.manual_seed(cfg["seed"] + 100 + run)
     student = new_mlp(cfg, s.student_dim).to(s.device)
-    if teacher is None:
-        loss_cfg = {"terms": {"ce": {"weight": 1.0}}, "mask": "none"}
-    else:
-        loss_cfg = loss_config(cfg)
-    context = {"student_dim": 10, "teacher_dim": 10, "n_data": len(s.splits["train"]),
-               "dataset_labels": torch.from_numpy(s.splits["train"].labels)}
-    try:
-        objective = build_objective(loss_cfg, context=context).to(s.device)
-    except (TypeError, ValueError, KeyError) as e:
-        raise ConfigError(f"distill.methods.{cfg['distill']['method']}: {e}") from None
+    objective = build_kd_objective(cfg, s.splits["train"].labels, distill=teacher is not None).to(s.device)
     optimizer = torch.optim.SGD(list(student.parameters()) + list(objective.parameters()), lr=tc["lr"],
                                 momentum=tc["momentum"])
     return classify.fit(student, s.loaders, objective, optimizer, epochs=tc["epochs"], device=s.device,
@@ -271,19 +282,47 @@ def load_saliency_teacher(s: Setup, rd) -> tuple[MLP, Path, Path]:
     _check_inputs(s, teacher, None, teacher_path)
     if ec["tag"]:
         tag_path = locate(ec["tag"], rd, tag_name(s.cfg["place"]), "saliency vector", hint)
-    else:  # the tag computed next to that teacher, else this run's / the newest one
-        beside = teacher_path.parent.parent / tag_name(s.cfg["place"])
-        tag_path = beside if beside.is_file() else locate("", rd, tag_name(s.cfg["place"]), "saliency vector", hint)
+    else:  # the one computed next to that teacher (read_tag checks that it is that teacher's)
+        tag_path = teacher_path.parent.parent / tag_name(s.cfg["place"])
+        if not tag_path.is_file():
+            raise DataError(f"{tag_path}: missing; no saliency vector was computed from the teacher {teacher_path} "
+                            f"(its run was interrupted?); {hint}")
     return teacher, teacher_path, tag_path
 
 
-def read_tag(path: Path, channels: int) -> torch.Tensor:
+def save_tag(path: Path, saliency: np.ndarray, teacher: MLP) -> Path:
+    return atomic_write(path, lambda f: np.savez(f, saliency=saliency, teacher_sha256=np.array(state_hash(teacher))),
+                        mode="wb")
+
+
+def read_tag(path: Path, teacher: MLP, place: int, log: Callable[[str], None] = print) -> torch.Tensor:
+    """The saliency vector of `teacher` at `place`: a .npz written by cal_tag (its teacher identity must match), or a
+    bare .npy (e.g. the reference's), whose teacher cannot be checked (said in the log)."""
+    channels = teacher.feature_dim(place)
     try:
-        tag = np.load(path)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: not a readable .npy saliency vector ({e})") from None
-    if tag.ndim != 1 or tag.shape[0] != channels or not np.isfinite(tag).all():
-        raise DataError(f"{path}: expected a finite saliency vector of {channels} channels, got shape {tag.shape}")
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            arrays = {"saliency": loaded}
+        else:
+            with loaded:
+                arrays = dict(loaded)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: not a readable saliency file (.npz with saliency and teacher_sha256, or .npy): "
+                        f"{e}") from None
+    tag = np.asarray(arrays.get("saliency"))
+    if "saliency" not in arrays or tag.ndim != 1 or tag.shape[0] != channels:
+        raise DataError(f"{path}: expected a saliency vector of {channels} channels (place {place}), got "
+                        f"{'no saliency array' if 'saliency' not in arrays else f'shape {tag.shape}'}")
+    bad = first_nonfinite(tag.astype(np.float64))
+    if bad is not None:
+        raise DataError(f"{path}: the saliency vector holds a non-finite value (NaN/inf), first at index {bad[0]}")
+    if "teacher_sha256" in arrays:
+        saved, actual = str(arrays["teacher_sha256"]), state_hash(teacher)
+        if saved != actual:
+            raise DataError(f"{path}: computed from another teacher (sha256 {saved[:12]}...) than the one loaded "
+                            f"(sha256 {actual[:12]}...); give the matching --teacher / --tag pair")
+    else:
+        log(f"NOTE: {path} carries no teacher identity; it cannot be checked against the teacher")
     return torch.from_numpy(tag.astype(np.float32))
 
 
@@ -294,7 +333,7 @@ def eval_tag(s: Setup, rd) -> dict:
     place = cfg["place"]
     place_name = base_teacher.place_name(place)
     channels = base_teacher.feature_dim(place)
-    sal = read_tag(tag_path, channels)
+    sal = read_tag(tag_path, base_teacher, place, s.log)
     s.log(f"saliency teacher {teacher_path}, saliency {tag_path}")
     acc = _accuracies(s, base_teacher, "teacher")
     s.log(f"Teacher acc: {_fmt(acc)}")
@@ -356,7 +395,7 @@ def heat_map(s: Setup, rd) -> dict:
     cfg, ec = s.cfg, s.cfg["eval"]
     base_teacher, teacher_path, tag_path = load_saliency_teacher(s, rd)
     place_name = base_teacher.place_name(cfg["place"])
-    sal = read_tag(tag_path, base_teacher.feature_dim(cfg["place"]))
+    sal = read_tag(tag_path, base_teacher, cfg["place"], s.log)
     n = cfg["heat_map"]["num_images"]
     if n < 1:
         raise ConfigError(f"heat_map.num_images: expected a positive integer, got {n}")

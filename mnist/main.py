@@ -20,6 +20,7 @@ import torch  # noqa: E402
 
 from common import config as C  # noqa: E402
 from common.run import RunDir, cli, seed_everything  # noqa: E402
+from mnist import data as D  # noqa: E402
 from mnist import experiment as E  # noqa: E402
 
 ACTIONS = ("cal_tag", "eval_tag", "base_line", "heat_map")
@@ -80,27 +81,12 @@ def resolve_config(args) -> tuple[dict, list[str]]:
     if not actions:  # the whole experiment: Algorithm 1 from scratch, then distillation (the reference's default)
         actions = ["cal_tag", "eval_tag"]
         cfg["cal"]["first_time"] = True
-    for key in ("train.epochs", "train.num_runs", "train.batch_size", "cal.batch_size", "cal.num_permute"):
-        if C.get(cfg, key) < 1:
-            raise C.ConfigError(f"{key}: expected a positive integer, got {C.get(cfg, key)}")
-    if cfg["cal"]["epochs"] < 1:
-        raise C.ConfigError(f"cal.epochs: expected a positive integer, got {cfg['cal']['epochs']}")
-    if not 0.0 <= cfg["eval"]["ratio"] <= 1.0:
-        raise C.ConfigError(f"eval.ratio: expected a fraction in [0, 1], got {cfg['eval']['ratio']}")
-    for key, allowed in (("cal.op", ("zero", "permute", "mean")), ("cal.distance", ("mse", "ncjsd", "l1")),
-                         ("cal.js_variant", ("textbook", "reference")), ("eval.fill", ("zero", "mean"))):
-        if C.get(cfg, key) not in allowed:
-            raise C.ConfigError(f"{key}: expected one of {', '.join(allowed)}, got {C.get(cfg, key)!r}")
-    if cfg["place"] not in (0, 1, 2, 3):
-        raise C.ConfigError(f"place: expected 0, 1, 2 or 3, got {cfg['place']}")
-    E.loss_config(cfg)  # validates distill.method / mask
+    E.check_objective(cfg)  # distill.method and every term's options, before anything runs
     return cfg, actions
 
 
 def run(cfg: dict, actions: list[str], out, device: str = "auto") -> tuple[RunDir, dict]:
     dev = C.resolve_device(device)
-    if cfg["threads"] < 0:
-        raise C.ConfigError(f"threads: expected 0 (torch's default) or a positive count, got {cfg['threads']}")
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     seed_everything(cfg["seed"], cfg["deterministic"])
@@ -114,6 +100,8 @@ def run(cfg: dict, actions: list[str], out, device: str = "auto") -> tuple[RunDi
     try:
         results: dict = {"experiment": "mnist", "actions": actions, "data_source": s.pair.source,
                          "sizes": {k: len(v) for k, v in s.splits.items()}}
+        if s.pair.is_standin:
+            results["data_note"] = D.STANDIN_NOTE
         for action in actions:
             results[action] = getattr(E, action)(s, rd)
             rd.write_summary({**results, "config": cfg})

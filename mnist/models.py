@@ -1,4 +1,4 @@
-"""The reference's MLP (spec §4.3): in → 1024 → 256 → 10 with LeakyReLU, as named layers so that Algorithm 1's
+"""The reference's MLP (NTDH MNIST/network/LR_3.py, `MLP`): in → 1024 → 256 → 10 with LeakyReLU, as named layers so that Algorithm 1's
 interventions are forward hooks (common.saliency) rather than a `change_type` argument threaded through forward.
 
 Places (the reference's `--place`): 0 = the input, 1 = output of the first LeakyReLU (`act1`, 1024-d), 2 = output of
@@ -6,6 +6,9 @@ the second (`act2`, 256-d), 3 = the logits (`fc3`, or `act3` when the parity Lea
 """
 from __future__ import annotations
 
+import hashlib
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,7 +28,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(hidden[0], hidden[1])
         self.act2 = nn.LeakyReLU(negative_slope)
         self.fc3 = nn.Linear(hidden[1], num_classes)
-        # spec §12 item 36: the reference applies LeakyReLU to the logits; only with parity.
+        # LR_3.py applies LeakyReLU to the output logits too; here only with parity.
         self.act3 = nn.LeakyReLU(negative_slope) if logit_activation else nn.Identity()
         self.logit_activation = logit_activation
 
@@ -50,6 +53,23 @@ class MLP(nn.Module):
                 "negative_slope": self.act1.negative_slope, "logit_activation": self.logit_activation}
 
 
+def state_hash(model: nn.Module) -> str:
+    """The identity of a model's weights: sha256 over its state_dict (names, dtypes, shapes and values, in name order).
+    Equal for the same weights wherever they were saved or loaded."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        a = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{a.dtype}|{tuple(a.shape)}|".encode())
+        h.update(a.numpy().tobytes())
+    return h.hexdigest()
+
+
+def first_nonfinite(array: np.ndarray) -> tuple[int, ...] | None:
+    """The index of the first NaN / inf entry of `array` (row-major), or None when all are finite."""
+    bad = np.argwhere(~np.isfinite(array))
+    return tuple(int(i) for i in bad[0]) if len(bad) else None
+
+
 def save_model(rd, model: MLP, name: str, **extra):
     return rd.save_checkpoint({"spec": model.spec(), "state_dict": model.state_dict(), **extra}, name)
 
@@ -57,9 +77,15 @@ def save_model(rd, model: MLP, name: str, **extra):
 def load_model(path, device) -> tuple[MLP, dict]:
     """An MLP saved by `save_model`; DataError naming the file when it is not one."""
     ckpt = load_checkpoint(path, map_location="cpu")
-    if not isinstance(ckpt, dict) or "spec" not in ckpt or "state_dict" not in ckpt:
+    if not isinstance(ckpt, dict) or "spec" not in ckpt or not isinstance(ckpt.get("state_dict"), dict):
         have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise DataError(f"{path}: expected an mnist MLP checkpoint with keys 'spec' and 'state_dict', got {have}")
+    for name, tensor in ckpt["state_dict"].items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point():
+            where = first_nonfinite(tensor.detach().cpu().float().numpy())
+            if where is not None:
+                raise DataError(f"{path}: state_dict['{name}'] holds a non-finite value (NaN/inf), first at index "
+                                f"{where}")
     model = MLP(**ckpt["spec"])
     try:
         model.load_state_dict(ckpt["state_dict"])

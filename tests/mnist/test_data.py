@@ -161,8 +161,8 @@ def test_idx_plus_backgrounds_and_source_errors(tmp_path):
 def test_standin_shapes_and_labels(tmp_path):
     cfg = {"source": "auto", "root": "empty", "backgrounds": "", "mnistm_seed": 42, "standin_test_fraction": 0.2}
     messages = []
-    pair = D.load_pair(cfg, tmp_path, log=messages.append)
-    assert any("STAND-IN" in m for m in messages)
+    pair = D.load_pair(cfg, tmp_path, log=messages.append, explicit_root=False)
+    assert any("STAND-IN" in m and "smoke test only" in m for m in messages) and pair.is_standin
     assert len(pair.train) + len(pair.test) == 1797 and len(pair.test) == 359
     for s in (pair.train, pair.test):
         assert s.mnist.shape[1:] == (28, 28) and s.mnist.dtype == np.uint8
@@ -201,3 +201,20 @@ def test_loader_and_noise():
     assert swapped(batches[0])["student"].shape == (4, 784) and swapped.dims == (784, 2352)
     with pytest.raises(ConfigError, match="stu_type"):
         D.Prepare(0.5, 4.0, 2, "cpu", seed=0)
+
+
+@pytest.mark.parametrize("make", ["missing", "empty", "unrelated"])
+def test_explicit_root_without_data_is_an_error(tmp_path, make):
+    """Issue 15 item 7: only the default root may fall back to the stand-in; a root the user named must hold data."""
+    root = tmp_path / "data"
+    if make != "missing":
+        root.mkdir()
+    if make == "unrelated":
+        (root / "notes.txt").write_text("no digits here")
+    cfg = {"source": "auto", "root": str(root), "backgrounds": "", "mnistm_seed": 42, "standin_test_fraction": 0.2}
+    expected = "does not exist" if make == "missing" else "holds no MNIST"
+    with pytest.raises(DataError, match=f"{root}: data root {expected}"):
+        D.load_pair(cfg, tmp_path)
+    messages = []
+    assert D.load_pair({**cfg, "source": "standin"}, tmp_path, log=messages.append).is_standin  # asked for: fine
+    assert any("smoke test only" in m for m in messages)

@@ -1,6 +1,5 @@
 """mnist model places, Algorithm 1 on the MLP, channel removal modes, and every subcommand end to end (tiny data
 written in the real IDX format, MNIST-M composed from a folder of background images)."""
-import io
 import json
 import subprocess
 import sys
@@ -9,19 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from common import saliency as alg1
 from common.divergence import nontarget_js
 from mnist import data as D
 from mnist import main as M
 from mnist.models import MLP
+from tests.mnist.helpers import TINY, run as _run
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--set", "model.hidden=[24,12]", "--set", "progress=false", "--set", "train.epochs=2",
-        "--set", "cal.epochs=2", "--set", "train.batch_size=32", "--set", "cal.batch_size=64",
-        "--set", "heat_map.num_images=3", "--set", "data.val_fraction=0.25"]
-
 
 def test_places_and_dims():
     m = MLP(784, [16, 8])
@@ -81,41 +76,12 @@ def test_modes_remove_the_right_channels():
     assert kept == [1, 7]  # the two least salient survive mode 2
 
 
-def _png(rgb):
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """Tiny MNIST in IDX format (the stand-in's digits) + a folder of two background photos."""
-    root = tmp_path_factory.mktemp("mnist_data")
-    images, labels = D.standin_digits()
-    D.write_idx(root / "train-images-idx3-ubyte.gz", images[:160])
-    D.write_idx(root / "train-labels-idx1-ubyte.gz", labels[:160])
-    D.write_idx(root / "t10k-images-idx3-ubyte.gz", images[160:224])
-    D.write_idx(root / "t10k-labels-idx1-ubyte.gz", labels[160:224])
-    (root / "bg").mkdir()
-    for i, bg in enumerate(D.standin_backgrounds()):
-        (root / "bg" / f"{i}.png").write_bytes(_png(bg[:120, :160]))
-    return root
-
-
-def _run(dataset, out, *extra):
-    args = M.parse_args(["--out", str(out), "--device", "cpu", "--data-root", str(dataset),
-                         "--set", f"data.backgrounds={dataset / 'bg'}", *TINY, *extra])
-    cfg, actions = M.resolve_config(args)
-    rd, results = M.run(cfg, actions, args.out, args.device)
-    return rd.path, results, json.loads((rd.path / "summary.json").read_text())
-
-
 def test_every_subcommand_end_to_end(dataset, tmp_path):
     out = tmp_path / "runs"
     cal_dir, res, summary = _run(dataset, out, "--cal_tag", "--first-time", "--mode", "1,2")
     assert "IDX files" in summary["data_source"] and "composed in memory" in summary["data_source"]
     assert summary["sizes"] == {"train": 120, "val": 40, "test": 64}
-    tag = np.load(cal_dir / "saliency_teacher_place1.npy")
+    tag = np.load(cal_dir / "saliency_teacher_place1.npz")["saliency"]
     assert tag.shape == (24,) and tag.min() == 0 and tag.max() == 1
     assert (cal_dir / "checkpoint" / "teacher_overlap.pth").is_file()
     assert (cal_dir / "saliency_place1_mode1.png").is_file() and (cal_dir / "saliency_place1_mode2.png").is_file()
@@ -124,7 +90,7 @@ def test_every_subcommand_end_to_end(dataset, tmp_path):
     # eval_tag in a new run finds the saliency teacher of the newest run under the same --out
     ev_dir, res, summary = _run(dataset, out, "--eval_tag", "--mode", "0,1,2", "--num-runs", "2")
     modes = summary["eval_tag"]["modes"]
-    assert set(modes) == {"0", "1", "2"} and summary["eval_tag"]["tag"] == str(cal_dir / "saliency_teacher_place1.npy")
+    assert set(modes) == {"0", "1", "2"} and summary["eval_tag"]["tag"] == str(cal_dir / "saliency_teacher_place1.npz")
     order = np.argsort(tag, kind="stable")
     assert modes["1"]["removed"] == sorted(order[:18].tolist())
     for m in modes.values():
@@ -165,7 +131,7 @@ def test_heat_map_gradients_any_batch_size():
 def test_cli_errors_are_one_line(tmp_path):
     cmd = [sys.executable, str(ROOT / "mnist" / "main.py"), "--out", str(tmp_path), "--set", "eval.ratio=2.0"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.strip().startswith("error: eval.ratio") and len(r.stderr.splitlines()) == 1
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: --set: key 'eval.ratio'") and len(r.stderr.splitlines()) == 1
     from common.config import ConfigError
     with pytest.raises(ConfigError, match="distill.method: unknown 'nope'"):
         M.resolve_config(M.parse_args(["--eval_tag", "--distill", "nope"]))
