@@ -296,6 +296,11 @@ def test_cli_advise_on_files(tmp_path):
     expected = ntd.advise(teacher, probe, labels)
     assert out["ncjsd_textbook"] == pytest.approx(expected["ncjsd_textbook"], rel=1e-5)
     assert out["class_names"] == list("abcde") and out["inputs"]["labels"] == "y.pt"
+    np.save(tmp_path / "p4.npy", probe[:, :4])
+    bad = _run("advise", "--teacher", "t.npy", "--probe", "p4.npy", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: p4.npy: shape (300, 4) does not match t.npy (300, 5) (the same samples " \
+                                 "and classes, row by row)"
 
 
 def test_cli_on_run_directories_advise_and_rank(tmp_path):
@@ -307,13 +312,12 @@ def test_cli_on_run_directories_advise_and_rank(tmp_path):
     ntd.save_logits(run, "teacher", np.random.default_rng(7).normal(size=teacher.shape) * 3, labels, tag="mode2")
     res = _run("advise", str(run), "--tag", "mode1", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
+    assert "verdict: HELP" in res.stdout and "written: " in res.stdout
     assert json.loads((run / "ntd" / "advice_mode1.json").read_text())["targets"] == "labels"
-    res = _run("rank", str(run), "--out", "ranking.json", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
+    ranking = ntd.main(["rank", str(run), "--out", str(tmp_path / "ranking.json")])  # in process: no 2nd start-up
     names = [e["name"] for e in json.loads((tmp_path / "ranking.json").read_text())["ranking"]]
-    assert names == [f"{run.name}:mode1", f"{run.name}:mode2"]
-    bad = _run("advise", "--teacher", str(run / "ntd" / "teacher_mode1.npz"), "--probe", "missing.npz", cwd=tmp_path)
-    assert bad.returncode == 2 and bad.stderr.strip() == "error: missing.npz: probe logits file not found"
+    assert names == [e["name"] for e in ranking] == [f"{run.name}:mode1", f"{run.name}:mode2"]
+    assert ranking[0]["divergence"] < ranking[1]["divergence"]
 
 
 def _cli_error(argv, capsys) -> str:
