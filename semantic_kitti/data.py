@@ -11,7 +11,6 @@ after the joint geometric augmentation (train) or centre crop (val), with channe
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +19,10 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.transforms import ColorJitter, InterpolationMode
+from torchvision.transforms import InterpolationMode
 
 from common.config import DataError, load_yaml
+from common.train import SharedEpoch, epoch_rng
 
 HERE = Path(__file__).resolve().parent
 N_CHANNELS = 10
@@ -88,9 +88,15 @@ def read_scan(path: str | Path) -> np.ndarray:
         raw = np.fromfile(path, dtype=np.float32)
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e})") from None
-    if raw.size % 4:
+    if raw.size == 0 or raw.size % 4:
         raise DataError(f"{path}: expected float32 rows of 4 values (x, y, z, intensity), got {raw.size} floats")
-    return raw.reshape(-1, 4)
+    pts = raw.reshape(-1, 4)
+    bad = np.argwhere(~np.isfinite(pts))
+    if len(bad):
+        r, c = bad[0]
+        raise DataError(f"{path}: non-finite value {pts[r, c]} at point {r}, column {c} (x, y, z, intensity); "
+                        f"{len(bad)} in all")
+    return pts
 
 
 def read_labels(path: str | Path, n_points: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -111,9 +117,11 @@ def parse_calib(path: str | Path) -> dict[str, np.ndarray]:
     """calib.txt → {"P2": (3, 4), "Tr": (4, 4), and every other KEY as its floats}; stops at the first blank line."""
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); expected 'KEY: 12 floats' lines") from None
     out: dict[str, np.ndarray] = {}
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -125,6 +133,9 @@ def parse_calib(path: str | Path) -> dict[str, np.ndarray]:
             raise DataError(f"{path}: line {i}: expected 'KEY: numbers', got {line.strip()[:60]!r}") from None
         if not sep:
             raise DataError(f"{path}: line {i}: expected 'KEY: numbers', got {line.strip()[:60]!r}")
+        if not np.isfinite(nums).all():
+            j = int(np.argmin(np.isfinite(nums)))
+            raise DataError(f"{path}: line {i} ({key.strip()}): non-finite number {nums[j]} at position {j}")
         out[key.strip()] = nums
     for key in ("P2", "Tr"):
         if key not in out or out[key].size != 12:
@@ -198,7 +209,7 @@ def _pad_to(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def train_transform(view: torch.Tensor, crop: tuple[int, int], pad: tuple[int, int], hflip: float, rotation: float,
-                    rng: random.Random) -> torch.Tensor:
+                    rng: np.random.Generator) -> torch.Tensor:
     """Flip, rotate (nearest, fill 0), random crop to crop − 2·pad (zero-padding a smaller image first), pad."""
     if rng.random() < hflip:
         view = view.flip(-1)
@@ -207,7 +218,7 @@ def train_transform(view: torch.Tensor, crop: tuple[int, int], pad: tuple[int, i
         view = TF.rotate(view, angle, interpolation=InterpolationMode.NEAREST, fill=0.0)
     ch, cw = crop[0] - 2 * pad[0], crop[1] - 2 * pad[1]
     view = _pad_to(view, ch, cw)
-    top, left = rng.randint(0, view.shape[1] - ch), rng.randint(0, view.shape[2] - cw)
+    top, left = int(rng.integers(0, view.shape[1] - ch + 1)), int(rng.integers(0, view.shape[2] - cw + 1))
     view = view[:, top:top + ch, left:left + cw]
     return torch.nn.functional.pad(view, (pad[1], pad[1], pad[0], pad[0]))
 
@@ -221,7 +232,19 @@ def val_transform(view: torch.Tensor, size: tuple[int, int], pad: tuple[int, int
     return torch.nn.functional.pad(view, (pad[1], pad[1], pad[0], pad[0]))
 
 
-def augment_points(points: np.ndarray, cfg: dict, rng: random.Random) -> np.ndarray:
+def color_jitter(image: Image.Image, strength, rng: np.random.Generator) -> Image.Image:
+    """torchvision's ColorJitter(brightness, contrast, saturation) with its factors drawn from `rng` (uniform in
+    [max(0, 1 − s), 1 + s], applied in a random order), so the jitter follows the per-epoch generator instead of
+    torch's global RNG."""
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    factors = [rng.uniform(max(0.0, 1 - a), 1 + a) for a in strength]
+    for k in rng.permutation(3):
+        if strength[k] > 0:
+            image = ops[k](image, float(factors[k]))
+    return image
+
+
+def augment_points(points: np.ndarray, cfg: dict, rng: np.random.Generator) -> np.ndarray:
     """PMF's point-cloud Augmentor (flips, translations, roll/pitch/yaw) on a copy of the points' features."""
     p = points.copy()
     if rng.random() < cfg["p_flipx"]:
@@ -242,12 +265,17 @@ def augment_points(points: np.ndarray, cfg: dict, rng: random.Random) -> np.ndar
     return p
 
 
-def normalize(features: torch.Tensor, mask: torch.Tensor, mean, std) -> torch.Tensor:
-    """(f − mean)/std · mask on channels 0..4 (dim −3 is the channel axis); RGB stays in [0, 1]."""
+def normalize(features: torch.Tensor, mask: torch.Tensor, mean, std, rgb_norm=None) -> torch.Tensor:
+    """(f − mean)/std · mask on channels 0..4 (dim −3 is the channel axis); RGB (5..7) stays in [0, 1], or with
+    rgb_norm = (mean, std) (ImageNet weights) becomes (rgb − mean)/std everywhere."""
     f = features.clone()
     m = torch.as_tensor(mean, dtype=f.dtype).view(-1, 1, 1)
     s = torch.as_tensor(std, dtype=f.dtype).view(-1, 1, 1)
     f[..., 0:5, :, :] = (f[..., 0:5, :, :] - m) / s * mask.unsqueeze(-3)
+    if rgb_norm is not None:
+        rm = torch.as_tensor(rgb_norm[0], dtype=f.dtype).view(-1, 1, 1)
+        rs = torch.as_tensor(rgb_norm[1], dtype=f.dtype).view(-1, 1, 1)
+        f[..., 5:8, :, :] = (f[..., 5:8, :, :] - rm) / rs
     return f
 
 
@@ -291,19 +319,20 @@ class PerspectiveViewDataset(Dataset):
     """(features (8, H, W) normalised, mask (H, W), label (H, W) int64) per frame."""
 
     def __init__(self, root, sequences, labels: LabelConfig, data_cfg: dict, train: bool, seed: int = 0,
-                 zbuffer: bool = True, has_label: bool = True):
+                 zbuffer: bool = True, has_label: bool = True, rgb_norm=None):
         self.frames = list_frames(root, sequences, has_label)
         self.labels, self.cfg, self.train, self.zbuffer = labels, data_cfg, train, zbuffer
-        self.seed, self.epoch = seed, 0
-        jitter = data_cfg["color_jitter"]
-        self.jitter = ColorJitter(*jitter) if train and any(jitter) else None
+        self.seed, self.epoch, self.rgb_norm = seed, SharedEpoch(), rgb_norm
+        self.jitter = list(data_cfg["color_jitter"]) if train and any(data_cfg["color_jitter"]) else None
         self._calib: dict[Path, dict] = {}
 
     def __len__(self) -> int:
         return len(self.frames)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Called in the main process each epoch; DataLoader workers (persistent ones too) read it through the
+        shared value, so each epoch draws new augmentations."""
+        self.epoch.set(epoch)
 
     def calib(self, path: Path) -> dict:
         if path not in self._calib:
@@ -312,7 +341,7 @@ class PerspectiveViewDataset(Dataset):
             self._calib[path] = parse_calib(path)
         return self._calib[path]
 
-    def view(self, i: int, rng: random.Random) -> torch.Tensor:
+    def view(self, i: int, rng: np.random.Generator) -> torch.Tensor:
         f = self.frames[i]
         points = read_scan(f.scan)
         lab = None
@@ -321,8 +350,7 @@ class PerspectiveViewDataset(Dataset):
             lab = self.labels.map(sem, f.label)
         image = read_image(f.image)
         if self.jitter is not None:
-            torch.manual_seed(rng.randrange(2 ** 31))
-            image = self.jitter(image)
+            image = color_jitter(image, self.jitter, rng)
         rgb = np.asarray(image, dtype=np.float32) / 255.0
         cal = self.calib(f.calib)
         feats = augment_points(points, self.cfg["pcd_aug"], rng) if (self.train and self.cfg["pcd_aug"]["enabled"]) \
@@ -330,7 +358,7 @@ class PerspectiveViewDataset(Dataset):
         return torch.from_numpy(build_view(points, lab, rgb, cal["P2"], cal["Tr"], self.zbuffer, feats))
 
     def __getitem__(self, i: int):
-        rng = random.Random(hash((self.seed, self.epoch, i)) & 0xFFFFFFFF)
+        rng = epoch_rng(self.seed, self.epoch.get(), i)
         v = self.view(i, rng)
         c = self.cfg
         if self.train:
@@ -338,7 +366,7 @@ class PerspectiveViewDataset(Dataset):
         else:
             v = val_transform(v, tuple(c["val_size"]), tuple(c["pad"]))
         mask = v[8]
-        features = normalize(v[0:8], mask, c["mean"], c["std"])
+        features = normalize(v[0:8], mask, c["mean"], c["std"], self.rgb_norm)
         return features, mask, v[9].long()
 
 

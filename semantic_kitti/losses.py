@@ -93,3 +93,20 @@ def perception_aware_loss(pcd_logits, img_logits, label_mask, tau: float = 0.7):
     m = label_mask.float()
     n = m.sum().clamp_min(1)
     return (kl_img * w_img * m).sum() / n + (kl_pcd * w_pcd * m).sum() / n
+
+
+class SegmentationLoss(nn.Module):
+    """focal(logits, y, label > 0) + λ·Lovász(softmax(logits), y), the reference's segmentation objective of both
+    trainers (semanticKITTI/trainer.py and trainer_student.py); returns (total, focal, lovasz)."""
+
+    def __init__(self, alpha: torch.Tensor, gamma: float, lam: float):
+        super().__init__()
+        self.focal = FocalSoftmaxLoss(alpha, gamma)
+        self.lovasz = LovaszSoftmax(ignore=0)
+        self.lam = lam
+
+    def forward(self, logits, label):
+        logits = logits.float()
+        f = self.focal(logits, label, label > 0)
+        lv = self.lovasz(logits.softmax(1), label)
+        return f + self.lam * lv, f, lv

@@ -19,28 +19,62 @@ BACKBONES = ("resnet18", "resnet34", "resnet50")
 # ----------------------------------------------------------------------------------------------------------------
 # Camera stream
 
+# torchvision's ImageNet weights expect RGB in [0, 1] normalised by these (their ImageClassification transform)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def uses_imagenet(weights: str) -> bool:
+    """teacher.imagenet_weights other than "none": ImageNet weights, hence ImageNet normalisation of the RGB."""
+    return str(weights).lower() != "none"
+
+
+def imagenet_state(backbone: str, weights: str) -> dict | None:
+    """The ImageNet state_dict named by teacher.imagenet_weights: "torchvision" (torchvision's IMAGENET1K_V1 through
+    its `weights=` API, as PMF's `pretrained=True`; fetched once into the torch hub cache), a local .pth path, or
+    "none" (None: random initialisation)."""
+    if not uses_imagenet(weights):
+        return None
+    if weights == "torchvision":
+        w = torchvision.models.get_model_weights(backbone).IMAGENET1K_V1
+        try:
+            return w.get_state_dict(progress=False)
+        except (OSError, RuntimeError) as e:  # URLError is an OSError: offline, proxy, disk full
+            reason = str(getattr(e, "reason", e)).splitlines()[0][:80]
+            raise DataError(f"teacher.imagenet_weights: torchvision could not fetch the {backbone} ImageNet weights "
+                            f"({reason}); offline, download {w.url} elsewhere and set teacher.imagenet_weights=PATH "
+                            f"to that file, or set teacher.imagenet_weights=none and pass --allow-random-init") \
+                from None
+    path = Path(weights)
+    if not path.is_file():
+        raise DataError(f"{path}: teacher.imagenet_weights file not found (expected torchvision's {backbone} ImageNet "
+                        f"state_dict, or 'torchvision', or 'none')")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input
+        raise DataError(f"{path}: not a torchvision {backbone} state_dict ({str(e).splitlines()[0][:120]})") from None
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
 class ResNetEncoder(nn.Module):
     """torchvision ResNet with conv1 replaced by a 7×7 stride-1 conv: l1..l4 at H/2, H/4, H/8, H/16."""
 
-    def __init__(self, backbone: str = "resnet34", in_channels: int = 3, pretrained: str | None = None,
+    def __init__(self, backbone: str = "resnet34", in_channels: int = 3, weights: str = "none",
                  dropout: float = 0.2, log=print):
         super().__init__()
         if backbone not in BACKBONES:
             raise ValueError(f"image_backbone must be one of {BACKBONES}, got {backbone!r}")
         net = getattr(torchvision.models, backbone)(weights=None)
-        if pretrained:
-            path = Path(pretrained)
-            if not path.is_file():
-                raise DataError(f"{path}: imagenet_pretrained weights not found (a torchvision {backbone} state_dict)")
+        state = imagenet_state(backbone, weights)
+        if state is not None:
             try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                net.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
-            except Exception as e:  # noqa: BLE001 - any unreadable / mismatching file is the user's input
-                raise DataError(f"{path}: not a torchvision {backbone} state_dict ({str(e).splitlines()[0][:120]})") \
-                    from None
-            log(f"camera encoder: ImageNet weights loaded from {path}")
+                net.load_state_dict(state)
+            except (RuntimeError, TypeError) as e:
+                raise DataError(f"{weights}: not a torchvision {backbone} state_dict "
+                                f"({str(e).splitlines()[0][:120]})") from None
+            log(f"camera encoder: {backbone} ImageNet weights from {weights}; RGB ImageNet-normalised")
         else:
-            log(f"camera encoder: no imagenet_pretrained path given, {backbone} starts from random weights")
+            log(f"camera encoder: teacher.imagenet_weights is none, {backbone} starts from random weights")
         old = net.conv1
         self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=1, padding=3, bias=False)
         if in_channels == 3:
@@ -93,9 +127,9 @@ class CameraNet(nn.Module):
     """The PMF camera stream alone: image (B, 3, H, W) → logits (B, C, H, W); H, W divisible by 16."""
 
     def __init__(self, img_channels: int = 3, nclasses: int = 20, image_backbone: str = "resnet34",
-                 imagenet_pretrained: str | None = None, decoder_base: int = 16, log=print):
+                 imagenet_weights: str = "none", decoder_base: int = 16, log=print):
         super().__init__()
-        self.camera_stream_encoder = ResNetEncoder(image_backbone, img_channels, imagenet_pretrained, log=log)
+        self.camera_stream_encoder = ResNetEncoder(image_backbone, img_channels, imagenet_weights, log=log)
         self.camera_stream_decoder = RGBDecoder(self.camera_stream_encoder.channels, nclasses, decoder_base)
 
     def forward(self, img):
@@ -259,9 +293,9 @@ class PMFNet(nn.Module):
     """
 
     def __init__(self, pcd_channels=5, img_channels=3, nclasses=20, base_channels=32, image_backbone="resnet34",
-                 imagenet_pretrained=None, dropout: float = 0.2, log=print):
+                 imagenet_weights: str = "none", dropout: float = 0.2, log=print):
         super().__init__()
-        self.camera_stream_encoder = ResNetEncoder(image_backbone, img_channels, imagenet_pretrained, log=log)
+        self.camera_stream_encoder = ResNetEncoder(image_backbone, img_channels, imagenet_weights, log=log)
         self.camera_stream_decoder = RGBDecoder(self.camera_stream_encoder.channels, nclasses)
         self.lidar_stream = SalsaNext(pcd_channels, nclasses, base_channels, dropout)
         self.fusion = nn.ModuleList([ResidualBasedFusionBlock(p, i) for p, i in

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from common.config import ConfigError
 from common.metrics import ConfusionMatrix
-from semantic_kitti.engine import Trainer
+from semantic_kitti.engine import kitti_scores
 from semantic_kitti.losses import FocalSoftmaxLoss, lovasz_softmax, perception_aware_loss
 from semantic_kitti.main import parse_args, resolve_config
 from semantic_kitti.trainer_student import build_kd_objective, kd_loss
@@ -64,18 +65,21 @@ def test_focal_loss_by_hand():
     assert FocalSoftmaxLoss(alpha)(logits, labels, torch.tensor([[[1, 0]]])).item() == pytest.approx(want[0], rel=1e-6)
 
 
-def test_iou_precision_recall_from_known_confusion_matrix():
-    cm = ConfusionMatrix(3, ignore_index=0)
-    cm.mat = torch.tensor([[9, 9, 9], [0, 6, 2], [0, 4, 8]])  # rows: truth, columns: prediction; row 0 is ignored
-    fake = SimpleNamespace(eval_classes=[1, 2], labels=SimpleNamespace(names=["unlabeled", "a", "b"]))
-    r = Trainer._scores(fake, cm)
-    # class a: tp 6, fp 9 + 4 (predicted a, truth 0 / b), fn 2;  class b: tp 8, fp 9 + 2, fn 4
-    assert r["per_class"]["a"]["IOU"] == pytest.approx(6 / (6 + 13 + 2))
-    assert r["per_class"]["a"]["Precision"] == pytest.approx(6 / 19)
-    assert r["per_class"]["a"]["Recall"] == pytest.approx(6 / 8)
-    assert r["per_class"]["b"]["IOU"] == pytest.approx(8 / (8 + 11 + 4))
-    assert r["IOU"] == pytest.approx((6 / 21 + 8 / 23) / 2)
-    assert r["Recall"] == pytest.approx((6 / 8 + 8 / 12) / 2)
+def test_scores_follow_the_semantic_kitti_api_convention():
+    cm = ConfusionMatrix(4, ignore_index=0)
+    # rows: truth, columns: prediction; row 0 (truth ignored) is not counted; class c is absent everywhere
+    cm.mat = torch.tensor([[9, 9, 9, 0], [5, 6, 2, 0], [0, 4, 8, 0], [0, 0, 0, 0]])
+    r = kitti_scores(cm, [1, 2, 3], ["unlabeled", "a", "b", "c"])
+    # class a: tp 6, fp 4 (predicted a, truth b), fn 2 + 5 (predicted the ignored class 0 counts as a miss)
+    assert r["per_class"]["a"]["IOU"] == pytest.approx(6 / (6 + 4 + 7))
+    assert r["per_class"]["a"]["Precision"] == pytest.approx(6 / 10)
+    assert r["per_class"]["a"]["Recall"] == pytest.approx(6 / 13)
+    assert r["per_class"]["b"]["IOU"] == pytest.approx(8 / (8 + 2 + 4))
+    # the absent class counts as IoU 0 in the mean over ALL included classes (ConfusionMatrix.mean_iou skips it)
+    assert r["per_class"]["c"]["IOU"] == 0
+    assert r["IOU"] == pytest.approx((6 / 17 + 8 / 14 + 0) / 3)
+    assert cm.mean_iou([1, 2, 3]) != pytest.approx(r["IOU"])
+    assert r["Recall"] == pytest.approx((6 / 13 + 8 / 12 + 0) / 3)
 
 
 def _cfg(*sets):
@@ -115,3 +119,21 @@ def test_perception_aware_loss_directions():
     pcd, img = conf.clone().requires_grad_(), flat.clone().requires_grad_()
     perception_aware_loss(pcd, img, mask, tau=0.7).backward()
     assert img.grad.abs().sum() > 0 and pcd.grad.abs().sum() == 0  # only the unsure image learns from the LiDAR
+
+
+@pytest.mark.parametrize("name", ["kl", "dkd", "js", "mse", "cosine"])
+def test_every_per_pixel_kd_loss_starts_with_its_own_params(name):
+    obj = build_kd_objective(_cfg(f"kd.kd_loss={name}"))
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 20, 4, 4, generator=g, requires_grad=True)
+    t, y = torch.randn(2, 20, 4, 4, generator=g), torch.randint(0, 20, (2, 4, 4), generator=g)
+    total, value = kd_loss(obj, s, t, y, valid_only=True)
+    total.backward()
+    assert torch.isfinite(total) and s.grad is not None and list(obj.terms) == [name]
+
+
+def test_kd_params_are_checked_by_the_config():
+    with pytest.raises(ConfigError, match="kd.params.kl.temperature"):
+        _cfg("kd.params.kl.temperature=0")
+    with pytest.raises(ConfigError, match="kd.kd_loss"):
+        _cfg("kd.kd_loss=rkd")
