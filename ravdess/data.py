@@ -1,18 +1,24 @@
-"""RAVDESS data: the raw release's file names, and the MFH feature layout (spec §5.1) read as specified.
+"""RAVDESS data: the raw release's file names, and MFH's feature layout (MFH repository ravdess/utils/dataloader.py,
+`AudioImageDataset` and `gen_data`) read as the reference reads it.
 
 Feature layout (what MFH distributes and what `preprocess` writes)::
 
     <dir>/data_file/spa_dl.csv | spa_val.csv | spa_test.csv   header row; columns: audio file, image file, label 0..7
     <dir>/aud_features/<audio file>                             .npy, n_mels × frames float (40 × 256)
     <dir>/vid_features/<image file>                             image read by OpenCV (BGR), H × W × 3 (256 × 512)
+    <dir>/normalization.json                                    written by `preprocess` only: the training split's
+                                                                audio mean / std and image RGB mean / std
 
 A sample is {"audio": (1, n_mels, frames) float, "image": (3, H, W) float, "label": int, "index": int}.
-The reference's swap of audio time frames 0 and 2 (a copy-paste of the BGR fix, spec §12 item 44) is not done
-unless `parity: true`; val and test loaders are not shuffled (item 51).
+The reference's swap of audio time frames 0 and 2 (a copy-paste of the BGR fix in `AudioImageDataset.__getitem__`) is
+not done unless `parity: true`; val and test loaders are not shuffled (the reference's `get_loader` shuffles every
+split).
 """
 from __future__ import annotations
 
 import csv
+import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +28,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from common.config import DataError
+from common.config import DataError, UserError
 
 EMOTIONS = ["neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised"]
 MODALITIES = {"01": "full-AV", "02": "video-only", "03": "audio-only"}
 CHANNELS = {"01": "speech", "02": "song"}
 SPLITS = ("train", "val", "test")
+NORM_FILE = "normalization.json"
 NAME_RE = re.compile(r"^(\d{2})-(\d{2})-(\d{2})-(\d{2})-(\d{2})-(\d{2})-(\d{2})\.(wav|mp4)$", re.IGNORECASE)
 
 
@@ -139,6 +146,11 @@ def load_audio_array(path: Path, cfg: dict) -> np.ndarray:
         a = a[..., 0]
     if a.shape != (d["n_mels"], d["frames"]) or not np.issubdtype(a.dtype, np.number):
         raise DataError(f"{path}: expected a numeric {d['n_mels']}×{d['frames']} array, got {a.dtype} {a.shape}")
+    bad = ~np.isfinite(a)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise DataError(f"{path}: non-finite value {a[first]} at index {first} (row, frame) and {int(bad.sum()) - 1} "
+                        f"more; expected finite numbers")
     return a
 
 
@@ -154,22 +166,51 @@ def load_image_array(path: Path, cfg: dict) -> np.ndarray:
     return img
 
 
-def audio_tensor(a: np.ndarray, cfg: dict) -> torch.Tensor:
-    """(n_mels, frames) array → normalised (1, n_mels, frames) float tensor (ToTensor without /255 + Normalize)."""
-    n = cfg["data"]["audio_norm"]
-    x = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None] - n["mean"]) / n["std"]
-    if cfg["parity"]:  # the reference swaps time frames 0 and 2 (spec §12 item 44)
+def normalization(root: str | Path, cfg: dict) -> dict:
+    """The normalisation the samples get: {"audio": {mean, std}, "image": {mean: [3], std: [3]}, "source": ...}.
+
+    data.normalization auto: the training-split statistics `preprocess` stored in <root>/normalization.json when the
+    file exists, else the config's audio_norm / image_norm (MFH's constants for its published features); config: the
+    constants; stored: the file, which must exist."""
+    d = cfg["data"]
+    path = Path(root) / NORM_FILE
+    if d["normalization"] == "config" or (d["normalization"] == "auto" and not path.is_file()):
+        return {"audio": dict(d["audio_norm"]), "image": dict(d["image_norm"]), "source": "config"}
+    if not path.is_file():
+        raise DataError(f"{path}: not found (data.normalization 'stored' needs the statistics `preprocess` writes)")
+    return read_normalization(path)
+
+
+def read_normalization(path: Path) -> dict:
+    try:
+        stats = json.loads(Path(path).read_text(encoding="utf-8"))
+        a, im = stats["audio"], stats["image"]
+        values = [float(a["mean"]), float(a["std"]), *map(float, im["mean"]), *map(float, im["std"])]
+        ok = len(im["mean"]) == len(im["std"]) == 3
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: expected JSON {{audio: {{mean, std}}, image: {{mean: [3], std: [3]}}}} "
+                        f"({type(e).__name__}: {e})") from None
+    if not ok or not all(math.isfinite(v) for v in values) or a["std"] <= 0 or min(im["std"]) <= 0:
+        raise DataError(f"{path}: expected finite means, positive standard deviations and 3 image channels")
+    return {"audio": {"mean": float(a["mean"]), "std": float(a["std"])},
+            "image": {"mean": list(map(float, im["mean"])), "std": list(map(float, im["std"]))}, "source": str(path)}
+
+
+def audio_tensor(a: np.ndarray, norm: dict, parity: bool = False) -> torch.Tensor:
+    """(n_mels, frames) array → normalised (1, n_mels, frames) float tensor (ToTensor without /255 + Normalize);
+    norm = normalization(...)["audio"]."""
+    x = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None] - norm["mean"]) / norm["std"]
+    if parity:  # the reference swaps time frames 0 and 2 (AudioImageDataset.__getitem__)
         x = x[..., [2, 1, 0, *range(3, x.shape[-1])]]
     return x
 
 
-def image_tensor(img_bgr: np.ndarray, cfg: dict) -> torch.Tensor:
-    """BGR uint8 H×W×3 → RGB, /255, ImageNet-normalised (3, H, W) float tensor."""
-    n = cfg["data"]["image_norm"]
+def image_tensor(img_bgr: np.ndarray, norm: dict) -> torch.Tensor:
+    """BGR uint8 H×W×3 → RGB, /255, normalised (3, H, W) float tensor; norm = normalization(...)["image"]."""
     rgb = np.ascontiguousarray(img_bgr[..., ::-1])
     x = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0
-    mean = torch.tensor(n["mean"], dtype=torch.float32)[:, None, None]
-    std = torch.tensor(n["std"], dtype=torch.float32)[:, None, None]
+    mean = torch.tensor(norm["mean"], dtype=torch.float32)[:, None, None]
+    std = torch.tensor(norm["std"], dtype=torch.float32)[:, None, None]
     return (x - mean) / std
 
 
@@ -181,6 +222,7 @@ class AudioImageDataset(Dataset):
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.root, self.cfg, self.split = Path(root), cfg, split
         self.rows = read_split(self.root, cfg, split)
+        self.norm = normalization(self.root, cfg)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -193,25 +235,51 @@ class AudioImageDataset(Dataset):
         aud, img, label = self.rows[i]
         a = load_audio_array(self.root / "aud_features" / aud, self.cfg)
         im = load_image_array(self.root / "vid_features" / img, self.cfg)
-        return {"audio": audio_tensor(a, self.cfg), "image": image_tensor(im, self.cfg),
+        return {"audio": audio_tensor(a, self.norm["audio"], self.cfg["parity"]),
+                "image": image_tensor(im, self.norm["image"]),
                 "label": torch.tensor(label, dtype=torch.long), "index": torch.tensor(i, dtype=torch.long)}
 
 
-def make_loader(ds: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int, device) -> DataLoader:
-    """batch_size ≤ 0 means one full batch (as the reference)."""
+def make_loader(ds: Dataset, batch_size: int, shuffle: bool, num_workers: int, device,
+                generator: torch.Generator | None = None) -> DataLoader:
+    """batch_size ≤ 0 means one full batch (as the reference). A shuffled loader draws its order from `generator`
+    (common.train.loader_generator: a fresh one per fit, so two fits given the same names see the same batches)."""
+    from common.train import seed_worker
     bs = len(ds) if batch_size <= 0 else batch_size
-    g = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=bs, shuffle=shuffle, num_workers=num_workers, generator=g,
+    return DataLoader(ds, batch_size=bs, shuffle=shuffle, num_workers=num_workers, generator=generator,
+                      worker_init_fn=seed_worker if num_workers else None,
                       pin_memory=torch.device(device).type == "cuda", persistent_workers=False)
+
+
+def worker_error(e: UserError) -> UserError:
+    """A UserError raised in a DataLoader worker reaches the main process as "Caught DataError in DataLoader worker
+    process 0. Original Traceback ..." (torch's ExceptionWrapper.reraise); give back the worker's own one line."""
+    text = str(e)
+    if not text.startswith("Caught "):
+        return e
+    lines = [line for line in text.splitlines() if line.strip()]
+    head, sep, message = lines[-1].partition(": ")
+    return type(e)(message if sep and head.endswith(type(e).__name__) else lines[-1])
+
+
+def batches(loader):
+    """Iterate `loader`; a bad file's error from a worker process is the worker's one-line error (`worker_error`)."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except UserError as e:
+            raise worker_error(e) from None
+        yield batch
 
 
 def datasets(root: str | Path, cfg: dict) -> dict[str, AudioImageDataset]:
     return {s: AudioImageDataset(root, cfg, s) for s in SPLITS}
 
 
-def loaders(root: str | Path, cfg: dict, device, batch_size: int | None = None) -> dict[str, DataLoader]:
-    """{'train','val','test'}: the train split shuffled (seeded), val and test in file order."""
+def eval_loaders(root: str | Path, cfg: dict, device) -> dict[str, DataLoader]:
+    """{'train','val','test'} in file order (for evaluation and the saliency): nothing shuffled."""
     d = cfg["data"]
-    bs = d["batch_size"] if batch_size is None else batch_size
-    return {s: make_loader(ds, bs, s == "train", d["num_workers"], cfg["seed"], device)
-            for s, ds in datasets(root, cfg).items()}
+    return {s: make_loader(ds, d["batch_size"], False, d["num_workers"], device) for s, ds in datasets(root, cfg).items()}

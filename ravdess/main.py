@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -20,7 +21,8 @@ if str(HERE.parent) not in sys.path:  # run as a script without an install
 import torch  # noqa: E402
 
 from common import config as C  # noqa: E402
-from common.run import RunDir, cli, seed_everything  # noqa: E402
+from common.run import RunDir, atomic_write_json, cli, generator_dir, seed_everything  # noqa: E402
+from common.train import add_resume_flag, check_resume_config, resume_dir  # noqa: E402
 from ravdess import data as D  # noqa: E402
 from ravdess import demo as demo_lib  # noqa: E402
 from ravdess import experiment as X  # noqa: E402
@@ -32,7 +34,14 @@ FLAGS = {"place": "tag.place", "num_permute": "tag.num_permute", "first_time": "
          "num_runs": "eval.num_runs", "checkpoint": "eval.checkpoint", "batch_size": "data.batch_size",
          "batch_size2": "data.batch_size2", "num_workers": "data.num_workers", "gt_weight": "kd.gt_weight",
          "pl_weight": "kd.pl_weight", "distill": "kd.distill", "mask": "kd.mask", "data": "data.dir",
-         "raw_dir": "data.raw_dir", "layout": "data.layout", "parity": "parity"}
+         "raw_dir": "data.raw_dir", "layout": "data.layout", "parity": "parity", "num_epochs": "tag.epochs",
+         "lr": "tag.lr", "teacher": "teacher"}
+# what a run is: a resumed run must not change these (common.train.check_resume_config names the keys it refuses)
+IDENTITY = ("seed", "parity", "teacher", "model", "tag", "kd", "preprocess", "data.layout", "data.n_mels",
+            "data.frames", "data.image_height", "data.image_width", "data.normalization", "data.audio_norm",
+            "data.image_norm", "data.batch_size", "data.batch_size2", "data.split_files", "eval.mode", "eval.ratio",
+            "eval.fill", "eval.num_runs", "eval.epochs", "eval.lr", "eval.momentum", "eval.baseline",
+            "eval.checkpoint", "eval.modes")
 
 
 def parse_args(argv=None):
@@ -69,7 +78,10 @@ def parse_args(argv=None):
     a("--layout", help="features | raw")
     a("--parity", action="store_const", const=True, help="the reference's number-changing behaviours")
     a("--demo", action="store_true", help="write a tiny raw tree to a temp folder and run steps 1-3 on it")
-    a("--demo-dir", "--demo_dir", dest="demo_dir", help="with --demo: keep the tree here instead of a temp folder")
+    a("--demo-dir", "--demo_dir", dest="demo_dir",
+      help="with --demo: keep the tree here (a new or empty folder, or one an earlier demo wrote)")
+    a("--teacher", help="joint (Alg. 1 step 1 with the agreement term) | independent (CE only)")
+    add_resume_flag(p)
     return p.parse_args(argv)
 
 
@@ -79,11 +91,12 @@ def resolve_config(args) -> dict:
     if args.stu_type != 0:
         raise C.ConfigError(f"--stu-type: only 0 (the image student) exists, got {args.stu_type}")
     cfg = C.resolve(HERE / "config.yaml", args, FLAGS)
+    # --num-epochs / --lr were checked as tag.epochs / tag.lr (eval.* have the same declared ranges)
     if args.num_epochs is not None:
-        cfg["tag"]["epochs"] = cfg["eval"]["epochs"] = args.num_epochs
+        cfg["eval"]["epochs"] = args.num_epochs
     if args.lr is not None:
-        cfg["tag"]["lr"] = cfg["eval"]["lr"] = args.lr
-    X._check(cfg)
+        cfg["eval"]["lr"] = args.lr
+    X.check(cfg)
     return cfg
 
 
@@ -91,6 +104,34 @@ def device_of(args) -> torch.device:
     if args.gpu is not None and args.device == "auto" and torch.cuda.is_available():
         return C.resolve_device(f"cuda:{args.gpu}")
     return C.resolve_device(args.device)
+
+
+def run_name(cfg: dict, args) -> str:
+    if args.command == "compare_modes":
+        return "ravdess_compare"
+    if args.cal_tag and args.eval_tag:
+        return "ravdess"
+    return "ravdess_cal" if args.cal_tag else f"ravdess_eval_mode{cfg['eval']['mode']}"
+
+
+def open_run(cfg: dict, args, out: str | Path) -> RunDir:
+    """A new run directory, or with --resume the one to continue: same command, and a config that does not change
+    what the run is (IDENTITY); locked against a second process."""
+    name = run_name(cfg, args)
+    invocation = {"command": args.command, "cal_tag": bool(args.cal_tag), "eval_tag": bool(args.eval_tag)}
+    path = resume_dir(args.resume, out, name)
+    if path is None:
+        rd = RunDir.create(out, name, config=cfg, code_from=HERE).lock()
+        atomic_write_json(rd.log_dir / "invocation.json", invocation)
+        return rd
+    check_resume_config(C.load_yaml(path / "log" / "config.yaml"), cfg, IDENTITY)
+    saved = path / "log" / "invocation.json"
+    if not saved.is_file() or json.loads(saved.read_text()) != invocation:
+        raise C.ConfigError(f"--resume: {path} was not started by this command ({invocation}); give the same "
+                            f"command and flags as the run it continues")
+    rd = RunDir.open(path).lock()
+    rd.log(f"resuming {path}")
+    return rd
 
 
 def run(cfg: dict, args, out: str | Path) -> dict:
@@ -115,51 +156,65 @@ def run(cfg: dict, args, out: str | Path) -> dict:
                               cfg["eval"]["ratio"], title=f"Algorithm-1 saliency, place {ck['place']}")
         print(f"wrote {png}")
         return {"plot": png}
-    name = {"compare_modes": "ravdess_compare"}.get(command) or (
-        "ravdess" if args.cal_tag and args.eval_tag else "ravdess_cal" if args.cal_tag else
-        f"ravdess_eval_mode{cfg['eval']['mode']}")
     if cfg["data"]["layout"] == "features":
         X.data_root(cfg)  # fail on a missing dataset before a run directory is made
-    if (args.eval_tag or command == "compare_modes") and not args.cal_tag:
+    if (args.eval_tag or command == "compare_modes") and not args.cal_tag and not args.resume:
         X.find_checkpoint(cfg["eval"]["checkpoint"], out)  # likewise for a missing step-1 checkpoint
-    rd = RunDir.create(out, name, config=cfg, code_from=HERE)
+    rd = open_run(cfg, args, out)
+    try:
+        return _steps(cfg, args, rd, dev, out)
+    finally:
+        rd.close()
+
+
+def _steps(cfg: dict, args, rd: RunDir, dev, out) -> dict:
     rd.log(f"run directory {rd.path} (device {dev})")
     root = X.data_root(cfg, log=rd.log)
-    results: dict = {"run_dir": rd.path, "counts": {s: len(D.read_split(root, cfg, s)) for s in D.SPLITS}}
+    note = X.features_note(root, cfg)
+    if note:
+        rd.log(f"results {note}")
+    results: dict = {"run_dir": rd.path, "counts": {s: len(D.read_split(root, cfg, s)) for s in D.SPLITS},
+                     "features_note": note}
     ck = None
     if args.cal_tag:
         results["cal"] = X.cal_tag(cfg, root, rd, dev, out)
         ck = results["cal"]["checkpoint"]
-    if args.eval_tag or command == "compare_modes":
-        ck = ck or X.find_checkpoint(cfg["eval"]["checkpoint"], out)
+    if args.eval_tag or args.command == "compare_modes":
+        own = rd.checkpoint_dir / X.CHECKPOINT
+        ck = ck or (own if own.is_file() and not cfg["eval"]["checkpoint"] else
+                    X.find_checkpoint(cfg["eval"]["checkpoint"], out))
         rd.log(f"step 3 uses {ck}")
-        if command == "compare_modes":
-            results["modes"] = X.compare_modes(cfg, root, rd, dev, ck)
+        base = X.baseline(cfg, root, rd, dev, ck) if cfg["eval"]["baseline"] else None
+        if args.command == "compare_modes":
+            results["modes"] = X.compare_modes(cfg, root, rd, dev, ck, base)
         else:
             results["modes"] = [X.eval_tag(cfg, root, rd, dev, ck)]
             print(results["modes"][0]["line"])
-    summary = {"experiment": "ravdess", "command": command, "config": cfg, "counts": results["counts"]}
-    if "cal" in results:
-        c = results["cal"]
-        summary["alg1"] = {"checkpoint": str(c["checkpoint"]), "accuracy": c["accuracy"], "channels": c["channels"],
-                           "saliency": c["saliency"].tolist(), "joint_history": c["joint_history"],
-                           "source": c["source"], "seconds": c["seconds"]}
-    if "modes" in results:
-        summary["modes"] = [{k: v for k, v in r.items()} for r in results["modes"]]
-        for r in results["modes"]:
-            rd.scalar("student/test_acc_mean", r["test_mean"], r["mode"])
-            rd.scalar("student/val_acc_mean", r["val_mean"], r["mode"])
-    rd.write_summary(summary)
-    rd.close()
+        results["baseline"] = base
+    rd.write_summary(summary(cfg, args, results))
     return results
 
 
+def summary(cfg: dict, args, results: dict) -> dict:
+    out = {"experiment": "ravdess", "command": args.command, "config": cfg, "counts": results["counts"],
+           "teacher": cfg["teacher"], "features_note": results["features_note"]}
+    if "cal" in results:
+        c = results["cal"]
+        out["alg1"] = {"checkpoint": str(c["checkpoint"]), "accuracy": c["accuracy"], "channels": c["channels"],
+                       "saliency": c["saliency"].tolist(), "joint_history": c["joint_history"],
+                       "source": c["source"], "teacher": c["teacher_kind"], "seconds": c["seconds"]}
+    if "modes" in results:
+        out["modes"] = results["modes"]
+        out["baseline"] = results["baseline"]
+    return out
+
+
 def run_demo(cfg: dict, args) -> dict:
-    """Write the tiny raw tree, preprocess it, run steps 1-3 (and all modes) on it."""
+    """Write the tiny raw tree, preprocess it, run steps 1-3 (and all modes) on it. --demo-dir keeps the tree in a
+    directory this generator owns (new, empty, or marked by an earlier demo); anything else is refused."""
     dm = cfg["demo"]
-    keep = args.demo_dir
-    tmp = None if keep else tempfile.TemporaryDirectory(prefix="ravdess_demo_")
-    base = Path(keep or tmp.name)
+    tmp = None if args.demo_dir else tempfile.TemporaryDirectory(prefix="ravdess_demo_")
+    base = generator_dir(args.demo_dir, "the RAVDESS demo tree") if args.demo_dir else Path(tmp.name)
     try:
         demo_lib.make_raw_tree(base / "raw", actors=range(1, dm["actors"] + 1),
                                repetitions=range(1, dm["repetitions"] + 1), seconds=dm["seconds"],

@@ -7,6 +7,11 @@ to `tile`×`tile` and tiled row-major into a (rows·tile) × (cols·tile) image 
 An audio file and a video file are paired by every field but the modality. Splits are by actor
 (speaker-independent). A file that cannot be read, or a clip in which no face is found, is reported by name and
 skipped; a clip whose two output files exist already is not recomputed.
+
+These features are this repository's, not the ones MFH distributes (whose extraction is not published), so MFH's
+normalisation constants do not apply to them: the training split's statistics are estimated here and stored beside
+the features (`normalization.json`, read by `data.normalization`), and results on them are not comparable with
+MFH's published numbers.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from common.config import ConfigError, DataError
+from common.run import atomic_write_json, generator_dir
 from ravdess import data as D
 
 
@@ -102,11 +108,9 @@ def audio_features(path: Path, cfg: dict) -> np.ndarray:
     if a["feature"] == "mfcc":
         f = librosa.feature.mfcc(y=y, sr=sr, n_mfcc=n_rows, n_fft=a["n_fft"], hop_length=a["hop_length"],
                                  n_mels=a["mel_bands"])
-    elif a["feature"] == "logmel":
+    else:  # logmel (the choices are declared in config.yaml's _checks)
         m = librosa.feature.melspectrogram(y=y, sr=sr, n_fft=a["n_fft"], hop_length=a["hop_length"], n_mels=n_rows)
         f = librosa.power_to_db(m, ref=1.0, top_db=a["top_db"])
-    else:
-        raise ConfigError(f"preprocess.audio.feature: expected mfcc or logmel, got {a['feature']!r}")
     return fit_frames(f.astype(np.float32), frames, a["crop"], a["pad"])
 
 
@@ -201,6 +205,7 @@ def preprocess(raw_dir: str | Path, dest: str | Path, cfg: dict, log: Callable[[
         log(msg)
 
     pairs = scan(raw_dir, cfg, report)
+    generator_dir(dest, "preprocessed RAVDESS features")  # never into a folder holding files it did not write
     ext = cfg["preprocess"]["video"]["image_ext"]
     (dest / "aud_features").mkdir(parents=True, exist_ok=True)
     (dest / "vid_features").mkdir(parents=True, exist_ok=True)
@@ -234,17 +239,48 @@ def preprocess(raw_dir: str | Path, dest: str | Path, cfg: dict, log: Callable[[
                             f"val_actors {cfg['preprocess']['splits']['val_actors']}, test_actors "
                             f"{cfg['preprocess']['splits']['test_actors']})")
         D.write_split(dest, cfg, s, rows[s])
+    norm = write_normalization(dest, cfg, rows["train"])
+    log(f"preprocess: training-split normalisation audio mean {norm['audio']['mean']:.4g} std "
+        f"{norm['audio']['std']:.4g}, image mean {np.round(norm['image']['mean'], 4).tolist()} std "
+        f"{np.round(norm['image']['std'], 4).tolist()} → {dest / D.NORM_FILE}")
     log(f"preprocess: {done} clips written, {reused} already done, {len(skipped)} skipped; "
         f"train/val/test = {len(rows['train'])}/{len(rows['val'])}/{len(rows['test'])} → {dest}")
-    return {"written": done, "reused": reused, "skipped": skipped, "counts": {s: len(r) for s, r in rows.items()}}
+    return {"written": done, "reused": reused, "skipped": skipped, "counts": {s: len(r) for s, r in rows.items()},
+            "normalization": norm}
 
 
-def load_raw_sample(wav: Path, mp4: Path, cfg: dict, tiler: FaceTiler | None = None) -> dict:
+def write_normalization(dest: Path, cfg: dict, train_rows: list[tuple[str, str, int]]) -> dict:
+    """Mean and std of the training split's audio features (over every value) and images (per RGB channel, after
+    /255), written to dest/normalization.json: the normalisation of features this module made (MFH's constants are
+    for MFH's own features)."""
+    a_sum = a_sq = 0.0
+    a_n = im_n = 0
+    im_sum, im_sq = np.zeros(3), np.zeros(3)
+    for aud, img, _ in train_rows:
+        a = D.load_audio_array(dest / "aud_features" / aud, cfg).astype(np.float64)
+        a_sum, a_sq, a_n = a_sum + a.sum(), a_sq + np.square(a).sum(), a_n + a.size
+        rgb = D.load_image_array(dest / "vid_features" / img, cfg)[..., ::-1].reshape(-1, 3) / 255.0
+        im_sum, im_sq, im_n = im_sum + rgb.sum(0), im_sq + np.square(rgb).sum(0), im_n + rgb.shape[0]
+    a_mean, im_mean = a_sum / a_n, im_sum / im_n
+    a_std = float(np.sqrt(max(a_sq / a_n - a_mean ** 2, 0.0)))
+    im_std = np.sqrt(np.clip(im_sq / im_n - im_mean ** 2, 0.0, None))
+    if a_std == 0 or (im_std == 0).any():
+        raise DataError(f"{dest}: the training split's features are constant (audio std {a_std:.3g}, image std "
+                        f"{im_std.tolist()}); cannot normalise")
+    stats = {"audio": {"mean": float(a_mean), "std": a_std},
+             "image": {"mean": im_mean.tolist(), "std": im_std.tolist()},
+             "split": "train", "clips": len(train_rows), "written_by": "ravdess/preprocess.py"}
+    atomic_write_json(dest / D.NORM_FILE, stats)
+    return stats
+
+
+def load_raw_sample(wav: Path, mp4: Path, cfg: dict, norm: dict, tiler: FaceTiler | None = None) -> dict:
     """One clip straight from the raw files, as AudioImageDataset would give it after preprocessing
-    (label and index aside): {"audio", "image"}."""
+    (label and index aside): {"audio", "image"}; norm = data.normalization(...)."""
     tiler = tiler or FaceTiler(cfg)
     img, _ = tiler(Path(mp4))
     # the image goes through the same lossless encode/decode as the feature layout's PNG
     ok, buf = cv2.imencode("." + cfg["preprocess"]["video"]["image_ext"], img)
     img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    return {"audio": D.audio_tensor(audio_features(Path(wav), cfg), cfg), "image": D.image_tensor(img, cfg)}
+    return {"audio": D.audio_tensor(audio_features(Path(wav), cfg), norm["audio"], cfg["parity"]),
+            "image": D.image_tensor(img, norm["image"])}

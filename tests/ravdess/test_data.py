@@ -1,4 +1,5 @@
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -62,18 +63,39 @@ def test_both_layouts_give_identical_tensors(features, raw_tree, cfg):
     aud, img, label = ds.rows[i]
     item = ds[i]
     raw = P.load_raw_sample(raw_tree / "Actor_02" / aud.replace(".npy", ".wav"),
-                            raw_tree / "Actor_02" / img.replace(".png", ".mp4"), cfg)
+                            raw_tree / "Actor_02" / img.replace(".png", ".mp4"), cfg, ds.norm)
     assert item["audio"].shape == (1, 40, 32) and item["image"].shape == (3, 64, 64)
     assert torch.equal(item["audio"], raw["audio"]) and torch.equal(item["image"], raw["image"])
     assert int(item["label"]) == label
-    # normalisation as specified: audio (x + 10.59) / 85.66, image RGB ImageNet-normalised
+    # preprocessed features are normalised with the training split's statistics stored beside them
+    n = ds.norm["audio"]
+    assert ds.norm["source"].endswith(D.NORM_FILE) and n["mean"] != -10.59
     a = np.load(dest / "aud_features" / aud)
-    torch.testing.assert_close(item["audio"][0], (torch.from_numpy(a) + 10.59) / 85.66)
+    torch.testing.assert_close(item["audio"][0], (torch.from_numpy(a) - n["mean"]) / n["std"])
+
+
+def test_normalisation_is_the_training_splits_and_stored(features, cfg):
+    dest, result, _ = features
+    stats = json.loads((dest / D.NORM_FILE).read_text())
+    train = D.read_split(dest, cfg, "train")
+    a = np.stack([np.load(dest / "aud_features" / r[0]) for r in train]).astype(np.float64)
+    assert np.isclose(stats["audio"]["mean"], a.mean()) and np.isclose(stats["audio"]["std"], a.std())
+    im = np.stack([D.load_image_array(dest / "vid_features" / r[1], cfg)[..., ::-1] / 255.0 for r in train])
+    np.testing.assert_allclose(stats["image"]["mean"], im.reshape(-1, 3).mean(0), rtol=1e-6)
+    # not the val or test split's: those differ
+    val = np.stack([np.load(dest / "aud_features" / r[0]) for r in D.read_split(dest, cfg, "val")])
+    assert not np.isclose(stats["audio"]["mean"], val.mean())
+    # data.normalization: config keeps MFH's constants, stored demands the file
+    assert D.normalization(dest, {**cfg, "data": {**cfg["data"], "normalization": "config"}})["audio"] == \
+        {"mean": -10.59, "std": 85.66}
+    with pytest.raises(DataError, match="normalization.json: not found"):
+        D.normalization(dest / "data_file", {**cfg, "data": {**cfg["data"], "normalization": "stored"}})
 
 
 def test_parity_swaps_time_frames(cfg):
     a = np.arange(40 * 32, dtype=np.float32).reshape(40, 32)
-    fixed, ref = D.audio_tensor(a, cfg), D.audio_tensor(a, {**cfg, "parity": True})
+    norm = cfg["data"]["audio_norm"]
+    fixed, ref = D.audio_tensor(a, norm), D.audio_tensor(a, norm, parity=True)
     assert torch.equal(ref[..., 0], fixed[..., 2]) and torch.equal(ref[..., 3:], fixed[..., 3:])
 
 
@@ -95,3 +117,27 @@ def test_bad_feature_files_raise_one_line_errors(tmp_path, cfg):
     (tmp_path / "data_file" / "spa_dl.csv").write_text("a,i,l\nx.npy,x.png,9\n")
     with pytest.raises(DataError, match=r"spa_dl.csv:2: label must be in 0..7"):
         D.AudioImageDataset(tmp_path, cfg, "train")
+
+
+def test_non_finite_audio_is_refused_naming_file_and_index(tmp_path, cfg):
+    a = np.zeros((40, 32), np.float32)
+    a[3, 7], a[5, 1] = np.nan, np.inf
+    np.save(tmp_path / "bad.npy", a)
+    with pytest.raises(DataError, match=r"bad.npy: non-finite value nan at index \(3, 7\) \(row, frame\) and 1 more"):
+        D.load_audio_array(tmp_path / "bad.npy", cfg)
+
+
+def test_a_workers_error_is_its_one_line(features, cfg, tmp_path):
+    """With num_workers 2 a bad file's DataError comes back as the worker's line, not a flattened traceback."""
+    import shutil
+    dest, _, _ = features
+    root = tmp_path / "copy"
+    shutil.copytree(dest, root)
+    aud = D.read_split(root, cfg, "val")[1][0]
+    np.save(root / "aud_features" / aud, np.full((40, 32), np.nan, np.float32))
+    loader = D.make_loader(D.AudioImageDataset(root, cfg, "val"), 2, False, 2, "cpu")
+    with pytest.raises(DataError) as e:
+        list(D.batches(loader))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(str(root / "aud_features" / aud)) and "non-finite value nan" in msg
+    assert "Traceback" not in msg and "Caught DataError" not in msg
