@@ -1,21 +1,105 @@
 """The NTD advisor: will distillation from this teacher help this student? Answered from logits, before distilling.
 
-(The full method description is written below in stages; this part holds the on-disk format.)
+NTDH (Chen et al., "Non-target Divergence Hypothesis: Toward Understanding Domain Gaps in Cross-Modal Knowledge
+Distillation", arXiv 2409.02438, abstract and Sec. I) claims that a cross-modal domain gap shows up as a difference
+between the teacher's and the student's distributions over the *non-target* classes, and that the smaller that
+difference, the better cross-modal KD works. If the claim holds, it can be used before any distillation run: train
+a cheap no-KD model of the student modality (the *probe*: the no-KD baseline, a few epochs of it, or a linear probe),
+compare its logits with the teacher's on the same samples, and predict. This module computes that comparison, turns
+it into a verdict with its evidence, ranks candidate teachers, and measures how well the predictions ranked the
+measured gains (`advisor_check`).
+
+Method (per sample i, then averaged; p = softmax(z / T), T = 1 as the reference's `js_divergence`)
+--------------------------------------------------------------------------------------------------
+- target y_i: the label, or the teacher's argmax when no labels are given (said in the output);
+- non-target distribution p̂_c = p_c / (1 − p_y) over c ≠ y (common.divergence.split_log_probs);
+- ncjsd, the non-target JS between teacher and probe, in two variants (issue 18's naming):
+    textbook   ½[KL(P̂_t ‖ M̂) + KL(P̂_p ‖ M̂)],  M̂ = ½(P̂_t + P̂_p), bounded by ln 2;
+    reference  ½[KL(M̂ ‖ P̂_t) + KL(M̂ ‖ P̂_p)], unbounded: what the NTDH repository's
+               `sklearn/distances/jsd.py: js_divergence` computes (through the argument order of F.kl_div);
+- target_mass_js: the same two variants between the binary masses [p_y, 1 − p_y];
+- ω, NTDH's per-sample distillation weight (the repository's `sklearn/utils/functions.py: pd_diff`; here
+  common.mask.omega): 1 where the teacher is right, 1[cos ≥ τ]·(cos + 1)/2 where it is wrong, cos the cosine
+  between the teacher's and the student's logits, τ = `threshold` (0.996). Before distillation there is no
+  student, so the probe stands in for it. Reported: the share of samples ω drops (ω = 0), down-weights
+  (0 < ω < 1) and masks (ω < 1), its mean, the teacher's error rate, and the divergences on the samples ω keeps;
+- argmax agreement of teacher and probe; accuracy of each (with labels);
+- all of it per class (grouped by target).
+For C = 2 the non-target distribution is a single point, so ncjsd is undefined (reported as null, and said); the
+advice then rests on target_mass_js, which is a target quantity. A one-column (or 1-D) input is a regression output
+(M2PKD's arousal / valence): there is no class distribution, hence no target / non-target split, and `advise` refuses
+it with a one-line error. No analog is offered: a distance between two regressors' outputs would not be NTDH's
+quantity, and calling it one would mislead.
+
+The verdict (`VerdictRule`; the thresholds are parameters and CLI flags)
+------------------------------------------------------------------------
+d = the divergence the advice rests on (ncjsd for C ≥ 3, target_mass_js for C = 2; textbook variant unless
+`variant` says otherwise), as a fraction of ln 2.
+    hurt       if d ≥ hurt_above (0.20), or, with labels, teacher accuracy < probe accuracy − accuracy_margin (0);
+    help       else if d ≤ help_below (0.05);
+    uncertain  otherwise.
+The text adds the share of samples the ω mask would drop, and suggests the mask when that share is ≥ omega_share
+(0.10) and the verdict is not "help". The thresholds were set before any measurement and are not fitted to measured
+Deltas. The accuracy guard is not NTDH's: a teacher that is wrong more often than the student modality's own model
+offers targets worse than the labels the student already has.
+
+Ranking: `rank` orders candidates (teachers, modality pairs, Algorithm-1 removal modes) for the same student by
+score = −d, best first; every entry carries d, the quantity and variant it is, and the verdict.
+
+Assumptions and limits
+----------------------
+- The probe stands for what the student modality can express; a badly under-trained probe inflates d. Compare
+  candidates with the same probe.
+- Logits come from the selection (validation) split: on the training split an over-fitted teacher's outputs are
+  nearly one-hot and its non-target part carries little.
+- Dense outputs (segmentation, scene completion) count each labelled position as a sample; positions are correlated,
+  so n overstates the evidence. At most 200,000 rows are kept (seeded subsample, the same rows for every role).
+- The verdict is a heuristic on top of a hypothesis. How well the score ranks measured gains is an empirical
+  question per experiment, which `advisor_check` answers; where ρ is near zero or negative the hypothesis does not
+  predict there, and the report should say so.
 
 File format
 -----------
-Every experiment writes, on its selection (validation) split, the logits of the teacher and of the "probe" (the no-KD
-baseline of the student modality) with `save_logits(run_dir, role, logits, labels, tag=None)`:
+Every experiment writes, on its selection (validation) split, the logits of the teacher and of the probe (its no-KD
+baseline) with `save_logits(run_dir, role, logits, labels, tag=None)`:
 
     <run_dir>/ntd/<role>[_<tag>].npz      role: teacher | probe;  tag: e.g. a removal mode or a teacher choice
-        logits  (N, C) float32            one row per sample (dense outputs: one row per labelled position)
+        logits  (N, C) float32            one row per sample (dense outputs: one row per labelled position,
+                                          `dense_rows` flattens them and drops the ignore index)
         labels  (N,)   int64              in [0, C)
-        meta    0-d str                   JSON: format, role, tag, split, source, classes, rows, rows_total,
-                                          subsample_seed
+        meta    0-d str                   JSON: format, generator, role, tag, split, source, classes, rows,
+                                          rows_total, subsample_seed
 
-Rows are aligned: row i of the teacher file and row i of the probe file are the same sample. More than
-`MAX_ROWS` rows are subsampled without replacement by a generator seeded with `SUBSAMPLE_SEED`, so two roles saved
-with the same number of rows keep the same rows. Call it on one process only (DDP rank 0).
+Rows are aligned: row i of the teacher file and row i of the probe file are the same sample. More than `MAX_ROWS`
+rows are subsampled without replacement by a generator seeded with `SUBSAMPLE_SEED`, so two roles saved with the
+same number of rows keep the same rows. Write on one process only (DDP rank 0). Both writing and reading check the
+shape, finite values and label range, with one-line errors naming the file. A tagged teacher without a probe of the
+same tag is paired with the untagged probe (one no-KD baseline for several teachers).
+
+Command line
+------------
+    python -m common.ntd advise RUN_DIR                       # RUN_DIR/ntd/teacher.npz vs probe.npz -> advice.json
+    python -m common.ntd advise RUN_DIR --tag mode1           # ntd/teacher_mode1.npz (probe_mode1.npz or probe.npz)
+    python -m common.ntd advise --teacher t.npy --probe p.pt --labels y.npy --names cat dog bird --out advice.json
+    python -m common.ntd rank RUN_DIR                         # every ntd/teacher*.npz of the run, best first
+    python -m common.ntd rank a=t_a.npz,p.npz b=t_b.npz,p.npz,y.npy --out ranking.json
+Files are .npy (the array), .npz (`logits` [+ `labels`], or one array) or .pt (a tensor, or a dict with `logits`
+[+ `labels`]). Options: --threshold (ω's τ), --temperature, --omega-space logits|probs, --variant, --help-below,
+--hurt-above, --accuracy-margin, --omega-share. Bad input (shape mismatch, NaN logits, labels out of range, a missing
+or unreadable file, a regression output) is one line `error: ...` and exit status 2. JSON is written to --out, or
+for a run directory to its ntd/advice[_<tag>].json; a file the advisor did not write is never replaced.
+
+How its accuracy is measured
+----------------------------
+`advisor_check(records)` takes, for every configuration an experiment trains, (experiment, configuration label,
+predicted score from pre-distillation logits, measured Delta = distilled student − no-KD baseline) and returns
+Spearman's ρ (scipy.stats.spearmanr) between score and Delta per experiment, with a 95 % percentile bootstrap
+interval (scipy.stats.bootstrap, configurations resampled in pairs, 2000 resamples, seeded). ρ is undefined, and
+reported as such, for n < 3 or constant values; resamples without a defined ρ are left out of the interval and
+counted. "pooled" ranks score and Delta within each experiment (rank / (n + 1)) and correlates those over all
+experiments with n ≥ 3, so experiments with different scales mix fairly; "pooled_raw" correlates the raw values.
+`plot_check` draws score vs Delta per experiment (plus the pooled ranks) and `check_markdown` the table for the
+reproduce report.
 """
 from __future__ import annotations
 
@@ -63,7 +147,8 @@ def _as_numpy(x: Any) -> np.ndarray:
 
 
 def check_logits(logits: Any, where: str, dtype=np.float32) -> np.ndarray:
-    """(N, C) finite float logits with C ≥ 2 → array of `dtype` (float32, the file format); otherwise a one-line DataError naming `where`.
+    """(N, C) finite float logits with C ≥ 2 → array of `dtype` (float32, the file format); otherwise a one-line
+    DataError naming `where`.
 
     One column (or a 1-D array) is a regression output (M2PKD's arousal / valence): there is no class distribution,
     so no target or non-target part, and the advisor refuses it rather than inventing an analog."""
