@@ -101,3 +101,49 @@ def test_demo_sequence_is_the_real_format_and_consistent(tmp_path):
     assert dm.min() > 0  # normalisation is invertible on the mask
     with pytest.raises(DataError, match="sequence folder not found"):
         D.PerspectiveViewDataset(tmp_path, [5], LABELS, cfg, train=False)
+
+
+DATA_CFG = {"train_crop": [32, 64], "val_size": [48, 160], "pad": [7, 3], "hflip": 0.5, "rotation": 10.0,
+            "color_jitter": [0.4, 0.4, 0.4], "mean": [12.12, 10.88, 0.23, -1.04, 0.21],
+            "std": [12.32, 11.47, 6.91, 0.86, 0.16], "pcd_aug": {"enabled": False}}
+
+
+def test_augmentation_changes_every_epoch_in_persistent_workers(tmp_path):
+    demo.write_demo(tmp_path, [0], [8], {"train": 2, "val": 1}, image_size=(48, 160), beams=16, azimuths=360)
+    ds = D.PerspectiveViewDataset(tmp_path, [0], LABELS, DATA_CFG, train=True, seed=3)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1, persistent_workers=True)
+    epochs = []
+    for epoch in (1, 2, 1):
+        ds.set_epoch(epoch)  # in the main process; the worker started in epoch 1 must see it
+        epochs.append(next(iter(loader))[0])
+    assert not torch.equal(epochs[0], epochs[1])  # new flips / rotations / crops / jitter in epoch 2
+    torch.testing.assert_close(epochs[0], epochs[2])  # and the same draw for the same (seed, epoch, frame)
+
+
+def test_damaged_input_files_are_named_with_the_first_bad_value(tmp_path):
+    pts = np.ones((5, 4), dtype=np.float32)
+    pts[3, 2] = np.inf
+    pts.tofile(tmp_path / "inf.bin")
+    with pytest.raises(DataError, match=r"inf.bin: non-finite value inf at point 3, column 2"):
+        D.read_scan(tmp_path / "inf.bin")
+    (tmp_path / "empty.bin").write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty.bin: expected float32 rows of 4 values .* got 0 floats"):
+        D.read_scan(tmp_path / "empty.bin")
+    (tmp_path / "calib.txt").write_bytes(b"P2: 1 2 3\xff\xfe\n")
+    with pytest.raises(DataError, match=r"calib.txt: not UTF-8 text"):
+        D.parse_calib(tmp_path / "calib.txt")
+    (tmp_path / "nan.txt").write_text("P2: " + " ".join(["1"] * 5 + ["nan"] + ["1"] * 6) + "\n")
+    with pytest.raises(DataError, match=r"nan.txt: line 1 \(P2\): non-finite number nan at position 5"):
+        D.parse_calib(tmp_path / "nan.txt")
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(DataError, match="empty.png: not a readable image"):
+        D.read_image(tmp_path / "empty.png")
+
+
+def test_imagenet_normalisation_of_rgb_only():
+    f = torch.rand(8, 4, 4)
+    mask = torch.ones(4, 4)
+    out = D.normalize(f, mask, [0.0] * 5, [1.0] * 5, ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
+    torch.testing.assert_close(out[5:8], (f[5:8] - 0.5) / 0.25)
+    torch.testing.assert_close(out[0:5], f[0:5])
+    torch.testing.assert_close(D.normalize(f, mask, [0.0] * 5, [1.0] * 5)[5:8], f[5:8])  # no weights: [0, 1]
