@@ -199,3 +199,15 @@ def test_cli_and_run_sh_refuse_bad_input(tmp_path, capsys):
     proc = subprocess.run(["bash", str(RUN_SH), "--out", str(tmp_path)], capture_output=True, text=True, timeout=120,
                           env={**env, "NNODES": "2", "NODE_RANK": "2"})
     assert proc.returncode == 2 and "NODE_RANK must be in 0..1" in proc.stderr
+
+
+def test_report_section_from_the_demo_summaries(demo_run, tmp_path):
+    from semantic_kitti import report
+    root, out = demo_run
+    runs = {"teacher": out["teacher"], "student": out["student"], "baseline": out["student"],
+            "config": sk_main.resolve_config(sk_main.parse_args(tiny(root)))}
+    pngs = report.plot(runs, tmp_path)
+    text = report.section(runs, tmp_path, tmp_path)
+    assert all(p.stat().st_size > 1000 for p in pngs)
+    assert "| best epoch | val mIoU (best) | val mIoU (last epoch) |" in text and "ω < 1" in text
+    assert "nan" not in text.lower()
