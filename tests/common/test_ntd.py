@@ -76,6 +76,20 @@ def test_hand_computed_three_class_example_and_per_class_breakdown():
     json.dumps(r)  # JSON-ready
 
 
+def test_per_sample_divergences_match_common_divergence():
+    from common.divergence import nontarget_js, target_js
+
+    rng = np.random.default_rng(8)
+    zt, zp = rng.normal(size=(200, 6)) * 3, rng.normal(size=(200, 6)) * 3
+    y = rng.integers(0, 6, 200)
+    r = ntd.advise(zt, zp, y)
+    tt, tp, ty = torch.from_numpy(zt), torch.from_numpy(zp), torch.from_numpy(y)
+    for variant in ("textbook", "reference"):
+        assert r[f"ncjsd_{variant}"] == pytest.approx(nontarget_js(tp, tt, ty, variant).mean().item(), rel=1e-9)
+        assert r[f"target_mass_js_{variant}"] == pytest.approx(target_js(tp, tt, ty, variant).mean().item(),
+                                                               rel=1e-9)
+
+
 def test_two_classes_use_target_mass_and_say_ncjsd_is_undefined():
     r = ntd.advise(logits_of([0.7, 0.3]), logits_of([0.4, 0.6]), [0])
     assert r["ncjsd_textbook"] is None and r["ncjsd_reference"] is None
