@@ -22,7 +22,7 @@ from semantic_kitti import data as D  # noqa: E402
 from semantic_kitti import main as sk  # noqa: E402
 from semantic_kitti.models import CameraNet, LidarNet  # noqa: E402
 from semantic_kitti.option import HERE  # noqa: E402
-from semantic_kitti.trainer import SegmentationLoss  # noqa: E402
+from semantic_kitti.losses import SegmentationLoss  # noqa: E402
 from semantic_kitti.trainer_student import build_kd_objective, kd_loss  # noqa: E402
 
 
@@ -30,9 +30,9 @@ def measure(device, fast: bool, size, batch, base, backbone, iters, warmup=3):
     torch.manual_seed(0)
     cfg = sk.resolve_config(sk.parse_args([]))
     labels = D.load_label_config(HERE / "semantic-kitti.yaml")
-    teacher = CameraNet(3, 20, backbone, None, log=lambda *_: None).to(device).eval()
+    teacher = CameraNet(3, 20, backbone, "none", log=lambda *_: None).to(device).eval()
     student = LidarNet(5, 20, base).to(device)
-    seg = SegmentationLoss(labels, 2.0, 1.0).to(device)
+    seg = SegmentationLoss(D.focal_alpha(labels), 2.0, 1.0).to(device)
     objective = build_kd_objective(cfg).to(device)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.01)
     fmt = torch.channels_last if fast else torch.contiguous_format
