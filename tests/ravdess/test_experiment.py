@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from common import ntd
 from common import saliency as S
 from common.run import cli, load_checkpoint
+from ravdess import data as D
 from ravdess import main as M
 from ravdess import models
 
@@ -37,14 +39,59 @@ def test_readme_commands_parse_both_spellings():
     assert cfg["kd"]["distill"] == "kl" and cfg["kd"]["gt_weight"] == 0.0 and cfg["kd"]["pl_weight"] == 1.0
 
 
-def test_bad_flags_are_one_line_errors(capsys):
-    for argv, what in [(["--distill", "nope", "--eval_tag"], "kd.distill"), (["--place", "9", "--cal_tag"], "place"),
-                       (["--mode", "3", "--eval_tag"], "eval.mode"), ([], "nothing to do"),
-                       (["--set", "data.frames=abc", "--cal_tag"], "data.frames")]:
-        with pytest.raises(SystemExit) as e:
-            cli(lambda: M.main(argv + ["--out", "/nonexistent-never-created"]))
-        err = capsys.readouterr().err.strip()
-        assert e.value.code == 2 and err.startswith("error:") and what in err and "\n" not in err
+BAD = [(["--distill", "nope", "--eval_tag"], "kd.distill"), (["--place", "9", "--cal_tag"], "tag.place"),
+       (["--place", "0", "--cal_tag"], "tag.place"),
+       (["--mode", "3", "--eval_tag"], "eval.mode"), ([], "nothing to do"),
+       (["--set", "data.frames=abc", "--cal_tag"], "data.frames"),
+       # hyper-parameters: finite and in range (issue: NaN results with exit 0)
+       (["--lr", "nan", "--cal_tag"], "'tag.lr' must be a finite number"),
+       (["--lr", "-0.1", "--cal_tag"], "'tag.lr' expects a value in (0, inf)"),
+       (["--set", "eval.lr=0", "--eval_tag"], "'eval.lr' expects a value in (0, inf)"),
+       (["--set", "kd.methods.kl.kl.temperature=0", "--eval_tag"], "'kd.methods.kl.kl.temperature' expects"),
+       (["--set", "eval.ratio=1.5", "--eval_tag"], "'eval.ratio' expects a value in [0, 1]"),
+       # negative or zero epochs / steps
+       (["--num-epochs", "-1", "--cal_tag"], "'tag.epochs' expects a value in [1, inf)"),
+       (["--set", "eval.epochs=0", "--eval_tag"], "'eval.epochs' expects a value in [1, inf)"),
+       (["--set", "checkpoint_every=0", "--eval_tag"], "'checkpoint_every'"),
+       (["--num-runs", "0", "--eval_tag"], "'eval.num_runs'"),
+       (["--num-workers", "-2", "--eval_tag"], "'data.num_workers'"),
+       # unknown loss, loss option, mask, teacher
+       (["--set", "kd.methods.kl.nosuch={weight: 1}", "--eval_tag"], "kd.methods.kl: unknown KD loss 'nosuch'"),
+       (["--set", "kd.methods.kl.kl.bogus=1", "--eval_tag"], "kd.methods.kl: KD loss 'kl'"),
+       (["--set", "kd.methods.kl.kl.reduction=sum", "--eval_tag"], "'kd.methods.kl.kl.reduction' must be one of"),
+       (["--mask", "sometimes", "--eval_tag"], "'kd.mask' must be one of none, omega"),
+       (["--teacher", "both", "--cal_tag"], "'teacher' must be one of joint, independent")]
+
+
+@pytest.mark.parametrize("argv, what", BAD, ids=[" ".join(a) or "empty" for a, _ in BAD])
+def test_bad_flags_are_one_line_errors(argv, what, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        cli(lambda: M.main(argv + ["--out", str(tmp_path / "never")]))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error:") and what in err and "\n" not in err
+    assert not (tmp_path / "never").exists()
+
+
+def test_demo_dir_never_overwrites_files_it_did_not_write(tmp_path, capsys):
+    keep = tmp_path / "mine"
+    wav = keep / "raw" / "Actor_01" / "03-01-01-01-01-01-01.wav"
+    wav.parent.mkdir(parents=True)
+    wav.write_bytes(b"a real recording")
+    with pytest.raises(SystemExit) as e:
+        cli(lambda: M.main(["--demo", "--demo-dir", str(keep), "--out", str(tmp_path / "runs")]))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith(f"error: refusing to write the RAVDESS demo tree into {keep}")
+    assert wav.read_bytes() == b"a real recording" and sorted(p.name for p in keep.iterdir()) == ["raw"]
+
+
+def test_preprocess_never_writes_into_a_folder_it_did_not_make(raw_tree, cfg, tmp_path):
+    from common.config import DataError
+    from ravdess import preprocess
+    (tmp_path / "data_file").mkdir()
+    (tmp_path / "data_file" / "spa_dl.csv").write_text("MFH's own split\n")
+    with pytest.raises(DataError, match="refusing to write preprocessed RAVDESS features"):
+        preprocess.preprocess(raw_tree, tmp_path, cfg, log=lambda m: None, progress=False)
+    assert (tmp_path / "data_file" / "spa_dl.csv").read_text() == "MFH's own split\n"
 
 
 def test_places_map_to_real_channel_counts():
@@ -64,7 +111,7 @@ def test_places_map_to_real_channel_counts():
     assert seen == [(2, 32, 18, 126)]
 
 
-def test_steps_1_2_3_and_compare_modes(features, cfg_file, tmp_path):
+def test_steps_1_2_3_and_compare_modes(features, cfg_file, cfg, tmp_path):
     dest, _, _ = features
     out = tmp_path / "runs"
     common = ["--config", str(cfg_file), "--data", str(dest), "--out", str(out), "--device", "cpu"]
@@ -89,10 +136,25 @@ def test_steps_1_2_3_and_compare_modes(features, cfg_file, tmp_path):
     summary = json.loads((Path(r2["run_dir"]) / "summary.json").read_text())
     assert summary["modes"][0]["mode"] == 1
     assert list(Path(r2["run_dir"]).glob("events.out.tfevents*"))
+    # preprocessed features: results carry the label; the no-KD baseline and the NTD advisor's logits (val split)
+    assert summary["features_note"].startswith("not comparable with MFH's published features")
+    assert summary["baseline"]["mode"] == "baseline" and len(summary["baseline"]["test_acc"]) == 1
+    n_val = r2["counts"]["val"]
+    for role, tag in (("teacher", "mode1"), ("probe", None)):
+        z = ntd.load_logits(r2["run_dir"], role, tag)
+        assert z.logits.shape == (n_val, 8) and z.meta["split"] == "val"
+        np.testing.assert_array_equal(z.labels, [r[2] for r in D.read_split(dest, cfg, "val")])
+    log_csv = (Path(r2["run_dir"]) / "mode1_run0_log.csv").read_text().splitlines()
+    assert log_csv[0].split(",")[:2] == ["epoch", "train_ce"] and "val_acc" in log_csv[0]
 
     r3 = M.main(["compare_modes", "--distill", "dkd", "--mask", "omega", *common])
     rows = r3["modes"]
     assert [r["mode"] for r in rows] == [0, 1, 2]
+    # ω statistics per epoch (mean ω, share of samples with ω < 1) in the summary and the per-term log
+    om = rows[1]["omega"][0]
+    assert 0 <= om["omega_mean"] <= 1 and 0 <= om["omega_masked_share"] <= 1 and len(om["omega_per_epoch"]) == 1
+    assert "omega_masked_share" in (Path(r3["run_dir"]) / "mode1_run0_log.csv").read_text().splitlines()[0]
+    assert "no KD" in (Path(r3["run_dir"]) / "compare_modes.csv").read_text()
     # the 12 most salient, ties (e.g. dead ReLU channels of these tiny nets) to the lower index
     assert set(rows[2]["removed_channels"]) == set(np.argsort(-sal, kind="stable")[:12].tolist())
     assert (Path(r3["run_dir"]) / "compare_modes.csv").is_file() and (Path(r3["run_dir"]) / "compare_modes.png").is_file()
