@@ -35,7 +35,8 @@ The verdict (`VerdictRule`; the thresholds are parameters and CLI flags)
 ------------------------------------------------------------------------
 d = the divergence the advice rests on (ncjsd for C ≥ 3, target_mass_js for C = 2; textbook variant unless
 `variant` says otherwise), as a fraction of ln 2.
-    hurt       if d ≥ hurt_above (0.20), or, with labels, teacher accuracy < probe accuracy − accuracy_margin (0);
+    hurt       if d ≥ hurt_above (0.20), or, with labels, the teacher is less accurate than the probe by more than
+               accuracy_margin (0) + accuracy_z (2) standard errors of the paired accuracy difference;
     help       else if d ≤ help_below (0.05);
     uncertain  otherwise.
 The text adds the share of samples the ω mask would drop, and suggests the mask when that share is ≥ omega_share
@@ -369,7 +370,8 @@ class VerdictRule:
     help_below / hurt_above: the divergence the advice rests on (ncjsd, or target_mass_js for C = 2) as a fraction
         of ln 2 (the textbook JS's maximum); at or below help_below KD is expected to help, at or above hurt_above
         to hurt.
-    accuracy_margin: with labels, a teacher less accurate than the probe by more than this (a fraction) is
+    accuracy_margin, accuracy_z: with labels, a teacher less accurate than the probe by more than accuracy_margin
+        (a fraction) plus accuracy_z standard errors of the paired difference (so that one sample cannot flip it) is
         expected to hurt whatever the divergence, and cannot get "help".
     omega_share: a share of samples the ω mask would drop at or above which the verdict suggests the mask.
     variant: the JS variant the verdict and the ranking rest on (textbook | reference; both are reported).
@@ -377,6 +379,7 @@ class VerdictRule:
     help_below: float = 0.05
     hurt_above: float = 0.20
     accuracy_margin: float = 0.0
+    accuracy_z: float = 2.0
     omega_share: float = 0.10
     variant: str = "textbook"
 
@@ -390,6 +393,8 @@ class VerdictRule:
             value = getattr(self, key)
             if not (math.isfinite(value) and 0 <= value <= 1):
                 raise ConfigError(f"verdict {key}: expected a fraction in [0, 1], got {value}")
+        if not (math.isfinite(self.accuracy_z) and self.accuracy_z >= 0):
+            raise ConfigError(f"verdict accuracy_z: expected a number >= 0, got {self.accuracy_z}")
         return self
 
 
@@ -430,6 +435,13 @@ def _per_sample(t: np.ndarray, p: np.ndarray, targets: np.ndarray, with_omega: b
     if with_omega:
         out["omega"] = omega(zt, y, zp, threshold=threshold, space=space, class_dim=1).numpy()
     return out
+
+
+def _paired_se(a: np.ndarray, b: np.ndarray) -> float:
+    """Standard error of mean(a) − mean(b) for paired 0/1 outcomes (per-sample differences, n − 1 dof); 0 for n = 1.
+    Samples are taken as independent, which dense outputs (correlated positions) are not: there it is too small."""
+    d = a.astype(float) - b.astype(float)
+    return float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else 0.0
 
 
 def _mean(x: np.ndarray, keep: np.ndarray | None = None) -> float | None:
@@ -492,7 +504,9 @@ def advise(teacher_logits, probe_logits, labels=None, threshold: float = 0.996, 
               "divergence_normalised": value / LN2, "score": -value,
               "agreement": _mean(per["teacher_pred"] == per["probe_pred"]),
               "teacher_accuracy": _mean(per["teacher_pred"] == y) if y is not None else None,
-              "probe_accuracy": _mean(per["probe_pred"] == y) if y is not None else None}
+              "probe_accuracy": _mean(per["probe_pred"] == y) if y is not None else None,
+              "accuracy_difference_se": _paired_se(per["teacher_pred"] == y, per["probe_pred"] == y)
+              if y is not None else None}
     for variant in JS_VARIANTS:
         result[f"ncjsd_{variant}"] = _mean(per[f"ncjsd_{variant}"]) if classes >= 3 else None
         result[f"target_mass_js_{variant}"] = _mean(per[f"target_mass_js_{variant}"])
@@ -528,10 +542,12 @@ def _verdict(r: dict, rule: VerdictRule) -> dict:
     evidence = [f"{q} ({r['variant']}) = {r['divergence']:.4f}, {_pct(d)} of ln 2 "
                 f"(help at or below {_pct(rule.help_below)}, hurt at or above {_pct(rule.hurt_above)})"]
     ta, pa = r["teacher_accuracy"], r["probe_accuracy"]
-    weaker = ta is not None and ta < pa - rule.accuracy_margin
+    gap = None if ta is None else pa - ta - rule.accuracy_margin - rule.accuracy_z * r["accuracy_difference_se"]
+    weaker = gap is not None and gap > 0
     if ta is not None:
         evidence.append(f"teacher accuracy {ta:.3f} vs probe accuracy {pa:.3f}"
-                        + (f": the teacher is weaker by more than {rule.accuracy_margin:.3f}" if weaker else ""))
+                        + (f": the teacher is weaker by more than {rule.accuracy_margin:.3f} + {rule.accuracy_z} "
+                           f"standard errors ({r['accuracy_difference_se']:.4f})" if weaker else ""))
     evidence.append(f"argmax agreement {r['agreement']:.3f}")
     if d >= rule.hurt_above or weaker:
         label = "hurt"
@@ -856,7 +872,8 @@ def _names(items: list[str] | None) -> list[str] | None:
 
 
 def _rule(args) -> VerdictRule:
-    return VerdictRule(args.help_below, args.hurt_above, args.accuracy_margin, args.omega_share, args.variant)
+    return VerdictRule(args.help_below, args.hurt_above, args.accuracy_margin, args.accuracy_z, args.omega_share,
+                       args.variant)
 
 
 def _cmd_advise(args) -> dict:
@@ -940,6 +957,7 @@ def _parser() -> argparse.ArgumentParser:
     common_opts.add_argument("--help-below", type=float, default=rule.help_below)
     common_opts.add_argument("--hurt-above", type=float, default=rule.hurt_above)
     common_opts.add_argument("--accuracy-margin", type=float, default=rule.accuracy_margin)
+    common_opts.add_argument("--accuracy-z", type=float, default=rule.accuracy_z)
     common_opts.add_argument("--omega-share", type=float, default=rule.omega_share)
     common_opts.add_argument("--out", help="JSON file to write")
     p = argparse.ArgumentParser(prog="python -m common.ntd", description=__doc__.split("\n")[0])

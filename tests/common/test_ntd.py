@@ -156,6 +156,17 @@ def test_weaker_teacher_is_expected_to_hurt():
     r = ntd.advise(teacher, probe, labels, rule=ntd.VerdictRule(help_below=1.0, hurt_above=1.0))
     assert r["teacher_accuracy"] < r["probe_accuracy"] == 1.0
     assert r["verdict"]["label"] == "hurt" and "less accurate than the probe" in r["verdict"]["text"]
+    # one sample's difference in 1000 is within noise: the guard does not fire
+    probe = rng.normal(size=(1000, 4)) * 3
+    labels = probe.argmax(1)
+    teacher = probe.copy()
+    teacher[0, labels[0]] -= 10
+    r = ntd.advise(teacher, probe, labels)
+    assert r["teacher_accuracy"] == 0.999 and r["accuracy_difference_se"] == pytest.approx(math.sqrt(0.001 / 1000),
+                                                                                           rel=0.01)
+    assert r["verdict"]["label"] == "help"
+    strict = ntd.VerdictRule(accuracy_z=0.0)
+    assert ntd.advise(teacher, probe, labels, rule=strict)["verdict"]["label"] == "hurt"
 
 
 def test_rank_orders_candidates_by_non_target_divergence():
