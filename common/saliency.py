@@ -30,7 +30,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from common.divergence import JS_VARIANTS, nontarget_js
-from common.kd.layers import BatchedLinear
 
 INTERVENTIONS = ("permute", "zero", "mean")
 DISTANCES = ("mse", "ncjsd", "l1")
@@ -260,22 +259,17 @@ def _expand_copies(a: torch.Tensor, channels: torch.Tensor, op: str, batch_dim: 
     return copies.flatten(b, b + 1)
 
 
-def _leading_linear(model: nn.Module) -> nn.Module | None:
-    """The layer that receives the model's input, when it is linear: the model itself or the first entry of
-    (nested) nn.Sequential, a BatchedLinear with a runs axis or an nn.Linear; None otherwise."""
+def _leading_linear(model: nn.Module) -> nn.Linear | None:
+    """The nn.Linear that receives the model's input: the model itself or the first entry of (nested)
+    nn.Sequential; None otherwise."""
     m = model
     while isinstance(m, nn.Sequential) and len(m):
         m = m[0]
-    if isinstance(m, BatchedLinear) and m.runs is not None or type(m) is nn.Linear:
-        return m
-    return None
+    return m if type(m) is nn.Linear else None
 
 
-def _rank1_layout(layer: nn.Module, x: torch.Tensor, batch_dim: int, channel_dim: int | None) -> bool:
-    """Whether the input's channel axis is the layer's input-feature axis: (R, D, N) with batch_dim 2 for a
-    BatchedLinear, (B, D) with batch_dim 0 for an nn.Linear."""
-    if isinstance(layer, BatchedLinear):
-        return x.dim() == 3 and _axes(x, batch_dim, channel_dim) == (2, 1)
+def _rank1_layout(x: torch.Tensor, batch_dim: int, channel_dim: int | None) -> bool:
+    """Whether the input's channel axis is nn.Linear's input-feature axis: (B, D) with batch_dim 0."""
     return x.dim() == 2 and _axes(x, batch_dim, channel_dim) == (0, 1)
 
 
@@ -288,87 +282,23 @@ def _rank1_delta(clean: torch.Tensor, op: str, perms: torch.Tensor | None) -> to
     return clean.gather(-1, perms.expand_as(clean)).sub_(clean)
 
 
-def _rank1_copies(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, channels: torch.Tensor, op: str,
+def _rank1_copies(layer: nn.Linear, x: torch.Tensor, out: torch.Tensor, channels: torch.Tensor, op: str,
                   generator: torch.Generator | None) -> torch.Tensor:
-    """The first linear layer's output on the k intervened copies of its input that `_expand_copies` would build
-    (the same random draws, in the same order), from its clean output alone.
+    """The first linear layer's output on the k intervened copies of its input (B, D) that `_expand_copies` would
+    build (the same random draws, in the same order), from its clean output (B, H) alone.
 
     Changing input channel c from x_c to x̃_c changes W x + b by the rank-1 term W[:, c] ⊗ (x̃_c − x_c), so a copy
     costs one multiply-add of the layer's output size, and neither the (k × input) copies nor the k first-layer
-    matmuls are made. The copy axis goes right before the batch axis, as in `_expand_copies`.
+    matmuls are made. The copy axis goes right before the batch axis, as in `_expand_copies`: (k·B, H).
     """
     channels = channels.to(x.device)
-    runs = isinstance(layer, BatchedLinear)
-    clean = x[:, channels] if runs else x[:, channels].t()        # (R, k, N) | (k, B)
+    clean = x[:, channels].t()                                                            # (k, B)
     perms = None
     if op == "permute":
         perms = torch.stack([_randperm(clean.shape[-1], generator, x.device) for _ in range(channels.numel())])
     delta = _rank1_delta(clean, op, perms)
-    if runs:                                   # x (R, D, N), out (R, H, N), weight (R, H, D)
-        w = layer.weight[:, :, channels]                                                 # (R, H, k)
-        return torch.addcmul(out.unsqueeze(2), w.unsqueeze(-1), delta.unsqueeze(1)).flatten(2, 3)   # (R, H, k·N)
-    w = layer.weight[:, channels].t()          # x (B, D), out (B, H), weight (H, D) → (k, H)
-    return torch.addcmul(out.unsqueeze(0), delta.unsqueeze(-1), w.unsqueeze(1)).flatten(0, 1)      # (k·B, H)
-
-
-def _runs_stack(model: nn.Module) -> list[nn.Module] | None:
-    """The layers of a lone BatchedLinear with runs, or of an nn.Sequential of such layers (all with the same runs)
-    and parameter-free per-sample modules (ReLU, Tanh, …) starting with a BatchedLinear; None for anything else."""
-    layers = list(model) if isinstance(model, nn.Sequential) else [model]
-    if not layers or not isinstance(layers[0], BatchedLinear) or layers[0].runs is None:
-        return None
-    for m in layers:
-        if isinstance(m, BatchedLinear):
-            if m.runs != layers[0].runs:
-                return None
-        elif next(m.parameters(), None) is not None or next(m.buffers(), None) is not None:
-            return None
-    return layers
-
-
-def _stack_forward(layers: list[nn.Module], h: torch.Tensor, runs: slice) -> torch.Tensor:
-    """The forward of `_runs_stack` layers for the runs in `runs` only (parameter views, no copies)."""
-    for m in layers:
-        if isinstance(m, BatchedLinear):
-            w = m.weight[runs]
-            h = torch.bmm(w, h) if m.bias is None else torch.baddbmm(m.bias[runs], w, h)
-        elif type(m) is nn.ReLU:
-            h = h.relu_()    # h is this function's own intermediate: in place saves a pass over memory
-        else:
-            h = m(h)
-    return h
-
-
-def _rank1_stack_sums(layers: list[nn.Module], h_s: torch.Tensor, x_t: torch.Tensor, y: torch.Tensor, *, op: str,
-                      distance: Distance, variant: str, n_repeats: int, chunk: int, group_chunk: int,
-                      generator: torch.Generator | None) -> torch.Tensor:
-    """Σ over repeats of the per-channel distances, (R, D) float64, for a `_runs_stack` teacher on (R, D, N) input
-    (batch_dim 2, channel_dim 1, class_dim 1): the rank-1 path, `group_chunk` runs at a time so that one block's
-    (runs × hidden × chunk·N) activations stay in cache. The permutations are those of the copy path — one per
-    (repeat, channel), drawn in that order and shared by the runs — drawn once up front."""
-    groups, n_channels, n = x_t.shape
-    first, rest = layers[0], layers[1:]
-    perms = None
-    if op == "permute":
-        perms = torch.stack([_randperm(n, generator, x_t.device) for _ in range(n_repeats * n_channels)])
-        perms = perms.view(n_repeats, n_channels, n)
-    labels = y.expand(_without(h_s.shape, 1))
-    sums = torch.zeros(groups, n_channels, dtype=torch.float64, device=x_t.device)
-    for g0 in range(0, groups, group_chunk):
-        runs = slice(g0, min(g0 + group_chunk, groups))
-        x = x_t[runs]
-        w1 = first.weight[runs]
-        base = torch.baddbmm(first.bias[runs], w1, x) if first.bias is not None else torch.bmm(w1, x)
-        fixed = _FixedStudent(h_s[runs], labels[runs], distance, variant, 2, 1)
-        for r in range(n_repeats):
-            for c0 in range(0, n_channels, chunk):
-                ch = slice(c0, min(c0 + chunk, n_channels))
-                k = ch.stop - ch.start
-                delta = _rank1_delta(x[:, ch], op, None if perms is None else perms[r, ch])       # (g, k, N)
-                h = torch.addcmul(base.unsqueeze(2), w1[:, :, ch].unsqueeze(-1), delta.unsqueeze(1))  # (g, H, k, N)
-                out = _stack_forward(rest, h.flatten(2, 3), runs)
-                sums[runs, ch] += fixed.distances(out.unflatten(2, (k, n))).double()
-    return sums
+    w = layer.weight[:, channels].t()                                                     # (k, H)
+    return torch.addcmul(out.unsqueeze(0), delta.unsqueeze(-1), w.unsqueeze(1)).flatten(0, 1)
 
 
 def _class_axis(out: torch.Tensor, batch_dim: int, class_dim: int) -> int:
@@ -451,12 +381,20 @@ def _check_distance(distance: Distance) -> None:
         raise ValueError(f"distance must be one of {DISTANCES} or a callable, got {distance!r}")
 
 
+def check_saliency_args(op: str, distance: Distance, variant: str, repeats: int, chunk: int) -> None:
+    _check_op(op)
+    _check_distance(distance)
+    if variant not in JS_VARIANTS:
+        raise ValueError(f"variant must be one of {JS_VARIANTS}, got {variant!r}")
+    if repeats < 1 or chunk < 1:
+        raise ValueError(f"repeats and chunk must be >= 1, got repeats={repeats}, chunk={chunk}")
+
+
 def saliency_vector(teacher: nn.Module, student: nn.Module, batches: Iterable, place: str, *, op: str = "permute",
                     distance: Distance = "mse", repeats: int = 10, batch_dim: int = 0,
                     channel_dim: int | None = None, class_dim: int = -1, chunk: int = 64,
                     generator: torch.Generator | None = None, normalize: bool = True, variant: str = "textbook",
-                    rank1: bool = True, group_chunk: int | None = None, progress: bool = False,
-                    desc: str | None = None) -> torch.Tensor:
+                    rank1: bool = True, progress: bool = False, desc: str | None = None) -> torch.Tensor:
     """Per-channel saliency of the teacher at `place` (Alg. 1 step 2): shape (C,), or (R, C) with group axes.
 
     batches: iterable of (x_teacher, x_student, y), already on the models' device; y holds one label per sample
@@ -480,89 +418,76 @@ def saliency_vector(teacher: nn.Module, student: nn.Module, batches: Iterable, p
     This needs every layer after `place` to be per-sample (eval mode) and `place` to be the only path from the input
     to the output (true for "input" and for sequential models; a skip connection around `place` fails on shapes).
 
-    rank1: at place "input" of a model whose first layer is linear (a BatchedLinear with runs on (R, D, N), batch_dim
-    2, channel_dim 1 — the synthetic experiments — or an nn.Linear on (B, D)), build the k copies at that layer's
-    output by a rank-1 update of its clean output instead of copying the input: the same numbers and random draws,
-    up to float rounding, at a fraction of the cost. False forces the generic copy path. When the teacher is a
-    stack of BatchedLinear and parameter-free layers (`_runs_stack`), the runs are evaluated `group_chunk` at a time
-    (`_rank1_stack_sums`; None: all at once — small models; 1: one run at a time, so that a large model's block
-    stays in cache); otherwise a forward hook on the first layer builds the copies (`_rank1_copies`).
+    rank1: at place "input" of a model whose first layer is an nn.Linear on (B, D), build the k copies at that
+    layer's output by a rank-1 update of its clean output instead of copying the input (`_rank1_copies`): the same
+    numbers and random draws, up to float rounding, at a fraction of the cost. False forces the copy path.
     """
-    _check_op(op)
-    _check_distance(distance)
-    if variant not in JS_VARIANTS:
-        raise ValueError(f"variant must be one of {JS_VARIANTS}, got {variant!r}")
-    if repeats < 1 or chunk < 1 or group_chunk is not None and group_chunk < 1:
-        raise ValueError(f"repeats, chunk and group_chunk must be >= 1, got repeats={repeats}, chunk={chunk}, "
-                         f"group_chunk={group_chunk}")
-    # Zero and mean fills are deterministic: M repeats would give M identical values (spec §12, item 35).
+    check_saliency_args(op, distance, variant, repeats, chunk)
+    # Zero and mean fills are deterministic: M repeats would give M identical values.
     n_repeats = repeats if op == "permute" else 1
     n_batches = len(batches) if hasattr(batches, "__len__") else None  # for the progress bar only
     batches = iter(batches)
     first = next(batches, None)
     if first is None:
         raise ValueError("saliency_vector needs at least one batch")
-
     modes = (teacher.training, student.training)
     teacher.eval()
     student.eval()
-    total, n_samples, n_channels = None, 0, None
+    total, n_samples, probe = None, 0, None
     try:
         with torch.no_grad():
-            bar = tqdm(itertools.chain([first], batches), total=n_batches, desc=desc or f"saliency@{place}",
-                       disable=not progress, leave=False)
-            for x_t, x_s, y in bar:
+            for x_t, x_s, y in tqdm(itertools.chain([first], batches), total=n_batches, desc=desc or f"saliency@{place}",
+                                    disable=not progress, leave=False):
                 h_s = student(x_s)  # before any hook exists, in case teacher and student are one module
-                if n_channels is None:   # from the first batch: the layout is the same for every batch
-                    n_channels = channel_count(teacher, place, x_t, batch_dim, channel_dim)
-                    classes = _class_axis(h_s, batch_dim, class_dim)
-                    lead = _leading_linear(teacher) if rank1 and place == "input" else None
-                    if lead is not None and not _rank1_layout(lead, x_t, batch_dim, channel_dim):
-                        lead = None
-                    stack = _runs_stack(teacher) if lead is not None and classes == 1 else None
+                if probe is None:   # from the first batch: the layout is the same for every batch
+                    probe = _Probe(teacher, place, x_t, h_s, batch_dim, channel_dim, class_dim, rank1)
+                fixed = _FixedStudent(h_s, y, distance, variant, batch_dim, probe.classes)
+                sums = sum(probe.distances(x_t, fixed, op, chunk, generator) for _ in range(n_repeats))
                 batch_size = x_t.shape[batch_dim]
-                if stack is not None:
-                    sums = _rank1_stack_sums(stack, h_s, x_t, y, op=op, distance=distance, variant=variant,
-                                             n_repeats=n_repeats, chunk=chunk,
-                                             group_chunk=group_chunk or x_t.shape[0],
-                                             generator=generator)
-                else:
-                    fixed = _FixedStudent(h_s, y, distance, variant, batch_dim, classes)
-                    sums = None  # Σ over repeats of d, (..., C)
-                    for _ in range(n_repeats):
-                        pieces = []
-                        for start in range(0, n_channels, chunk):
-                            channels = torch.arange(start, min(start + chunk, n_channels), device=x_t.device)
-                            if lead is not None:
-                                handle = lead.register_forward_hook(
-                                    lambda m, args, out, ch=channels: _rank1_copies(m, args[0], out, ch, op,
-                                                                                    generator))
-                            else:
-                                expand = lambda a, ch=channels: _expand_copies(a, ch, op, batch_dim, channel_dim,
-                                                                               generator)
-                                handle = _hook_at(teacher, place, expand)
-                            try:
-                                out = teacher(x_t)
-                            finally:
-                                handle.remove()
-                            k = channels.numel()
-                            if out.shape[batch_dim] != k * batch_size:
-                                raise ValueError(f"the output's batch axis has {out.shape[batch_dim]} samples, "
-                                                 f"expected {k}×{batch_size}: place {place!r} is not on the only "
-                                                 f"path to the output")
-                            h_t = out.unflatten(batch_dim, (k, batch_size))
-                            pieces.append(fixed.distances(h_t).double())
-                        d = torch.cat(pieces, -1)
-                        sums = d if sums is None else sums + d
                 weighted = sums * (batch_size / n_repeats)
                 total = weighted if total is None else total + weighted
                 n_samples += batch_size
     finally:
         teacher.train(modes[0])
         student.train(modes[1])
-
     saliency = (total / n_samples).to(h_s.dtype if h_s.is_floating_point() else torch.float32)
     return minmax_normalize(saliency) if normalize else saliency
+
+
+class _Probe:
+    """The teacher, the place and the layout of one saliency computation: intervened forwards, chunk by chunk."""
+
+    def __init__(self, teacher: nn.Module, place: str, x_t: torch.Tensor, h_s: torch.Tensor, batch_dim: int,
+                 channel_dim: int | None, class_dim: int, rank1: bool):
+        self.teacher, self.place, self.batch_dim, self.channel_dim = teacher, place, batch_dim, channel_dim
+        self.n_channels = channel_count(teacher, place, x_t, batch_dim, channel_dim)
+        self.classes = _class_axis(h_s, batch_dim, class_dim)
+        lead = _leading_linear(teacher) if rank1 and place == "input" else None
+        self.lead = lead if lead is not None and _rank1_layout(x_t, batch_dim, channel_dim) else None
+
+    def distances(self, x_t: torch.Tensor, fixed: "_FixedStudent", op: str, chunk: int,
+                  generator: torch.Generator | None) -> torch.Tensor:
+        """One repeat: the distance of every channel's intervened output to the student, (..., C) float64."""
+        b, batch_size = self.batch_dim, x_t.shape[self.batch_dim]
+        pieces = []
+        for start in range(0, self.n_channels, chunk):
+            channels = torch.arange(start, min(start + chunk, self.n_channels), device=x_t.device)
+            if self.lead is not None:
+                handle = self.lead.register_forward_hook(
+                    lambda m, args, out, ch=channels: _rank1_copies(m, args[0], out, ch, op, generator))
+            else:
+                expand = lambda a, ch=channels: _expand_copies(a, ch, op, b, self.channel_dim, generator)
+                handle = _hook_at(self.teacher, self.place, expand)
+            try:
+                out = self.teacher(x_t)
+            finally:
+                handle.remove()
+            k = channels.numel()
+            if out.shape[b] != k * batch_size:
+                raise ValueError(f"the output's batch axis has {out.shape[b]} samples, expected {k}×{batch_size}: "
+                                 f"place {self.place!r} is not on the only path to the output")
+            pieces.append(fixed.distances(out.unflatten(b, (k, batch_size))).double())
+        return torch.cat(pieces, -1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -11,9 +11,8 @@ import numpy as np
 import torch
 
 from common import divergence as D
-from common.synthetic import parallel
+from common.synthetic import dispatch, parallel
 from common.synthetic.fastfit import fit_objective
-from common.kd import method_objective
 from common.metrics import spearman_summary
 from common.run import derived_seed
 from common.synthetic.vectorized import BatchedLinear, accuracy
@@ -97,8 +96,8 @@ def objective_for(cfg: dict, method: str, mask: str, sweep: Sweep, n_classes: in
     """common.kd.method_objective for every group of the sweep, with what only the sweep knows (sizes, labels)."""
     context = {"student_dim": n_classes, "teacher_dim": n_classes, "n_data": sweep.train.y.shape[1],
                "dataset_labels": sweep.train.y}
-    return method_objective(cfg["kd"], method, mask, detach_omega=not cfg["parity"], runs=sweep.groups,
-                            context=context)
+    return dispatch.objective(cfg["kd"], method, mask, detach_omega=not cfg["parity"], runs=sweep.groups,
+                              context=context)
 
 
 def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from common import saliency
+from common.synthetic import dispatch
 from common.synthetic.fastfit import fit, fit_objective, joint_logit_grad
 from common.run import derived_seed
 from common.synthetic.vectorized import BatchedLinear, accuracy, cross_entropy_sum
@@ -118,14 +119,12 @@ def algorithm1(cfg: dict, split: data.Split, n_settings: int, progress: bool):
         saliency.joint_train(net_t, net_s, lambda: [(split.x1, split.x2, split.y)], epochs=a["epochs"], lr=a["lr"],
                              momentum=a["momentum"], loss_fn=_joint_loss(a["distance"]), class_dim=1,
                              progress=progress)
-    kw = dict(op=a["op"], distance=a["distance"], repeats=a["repeats"], batch_dim=2, channel_dim=1, class_dim=1,
-              generator=torch.Generator().manual_seed(cfg["seed"]), chunk=a["chunk_channels"], rank1=fast,
-              progress=progress)
-    sal_x1 = saliency.saliency_vector(net_t, net_s, [(split.x1, split.x2, split.y)], "input", desc="saliency x1", **kw)
+    kw = dict(op=a["op"], distance=a["distance"], repeats=a["repeats"], fast=fast,
+              generator=torch.Generator().manual_seed(cfg["seed"]), chunk=a["chunk_channels"], progress=progress)
+    sal_x1 = dispatch.saliency(net_t, net_s, split.x1, split.x2, split.y, desc="saliency x1", **kw)
     sal_x2 = None
     if a["tag_student"]:
-        sal_x2 = saliency.saliency_vector(net_s, net_t, [(split.x2, split.x1, split.y)], "input",
-                                          desc="saliency x2", **kw)
+        sal_x2 = dispatch.saliency(net_s, net_t, split.x2, split.x1, split.y, desc="saliency x2", **kw)
     return sal_x1, sal_x2
 
 

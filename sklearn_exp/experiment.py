@@ -14,10 +14,10 @@ import torch
 from common import divergence as D
 from common.synthetic import parallel
 from common.synthetic.fastfit import fit, fit_objective, joint_ncjsd_grad
-from common.kd import method_objective
 from common.metrics import spearman_summary
 from common.run import derived_seed
-from common.saliency import removal_indices, saliency_vector
+from common.saliency import removal_indices
+from common.synthetic import dispatch
 from common.synthetic.vectorized import accuracy, cross_entropy_sum
 from sklearn_exp import data
 from sklearn_exp.models import two_layer_nn
@@ -101,8 +101,8 @@ def objective_for(cfg: dict, method: str, mask: str, sweep: Sweep, n_classes: in
     """common.kd.method_objective for every group of the sweep, with what only the sweep knows (sizes, labels)."""
     context = {"student_dim": n_classes, "teacher_dim": n_classes, "n_data": sweep.train.y.shape[1],
                "dataset_labels": sweep.train.y}
-    return method_objective(cfg["kd"], method, mask, detach_omega=not cfg["parity"], runs=sweep.groups,
-                            context=context)
+    return dispatch.objective(cfg["kd"], method, mask, detach_omega=not cfg["parity"], runs=sweep.groups,
+                              context=context)
 
 
 def train_kd(cfg, sweep, method, mask, teacher_train, seeds, desc):
@@ -165,13 +165,13 @@ def algorithm1(cfg: dict, sweep: Sweep, variant: str, log=print) -> dict:
     gen = torch.Generator().manual_seed(cfg["seed"])
     # common.saliency at place "input"; `alg1.rank1` builds the permuted copies by a rank-1 update of the first
     # layer's output (same numbers and permutations as copying the input, several times faster)
-    sal_args = dict(op="permute", distance="ncjsd", repeats=a["repeats"], batch_dim=2, channel_dim=1, class_dim=1,
-                    chunk=a["chunk_channels"], group_chunk=a["group_chunk"], generator=gen, variant=variant,
-                    rank1=a["rank1"], progress=cfg["progress"])
+    sal_args = dict(op="permute", distance="ncjsd", repeats=a["repeats"], chunk=a["chunk_channels"],
+                    group_chunk=a["group_chunk"], generator=gen, variant=variant, fast=a["rank1"],
+                    progress=cfg["progress"])
     sal_x1, sal_x2 = sweep.timed("alg1_saliency", lambda: (
-        saliency_vector(teacher, student, [(tr.x1, tr.x2, tr.y)], "input", desc="saliency x1", **sal_args),
+        dispatch.saliency(teacher, student, tr.x1, tr.x2, tr.y, desc="saliency x1", **sal_args),
         # x2's columns: the same measurement with the roles swapped (the non-target JS is symmetric)
-        saliency_vector(student, teacher, [(tr.x2, tr.x1, tr.y)], "input", desc="saliency x2", **sal_args)))
+        dispatch.saliency(student, teacher, tr.x2, tr.x1, tr.y, desc="saliency x2", **sal_args)))
     with torch.no_grad():
         joint_acc_t = sweep.per_setting(accuracy(teacher(sweep.test.x1), sweep.test.y))
         joint_acc_s = sweep.per_setting(accuracy(student(sweep.test.x2), sweep.test.y))

@@ -6,7 +6,6 @@ All three work per sample on (B, C) logits or per position on dense logits (B, C
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from common import divergence as D
 from common.kd.base import DistillLoss, register
@@ -62,7 +61,8 @@ class DKDistill(DistillLoss):
 
     With two classes the binary masses are the class distribution itself (up to the order of the classes) and the
     non-target distribution is a point mass, so TCKD_i = KL(p_t,i ‖ p_s,i) and NCKD_i = 0 exactly: that case is
-    computed as one plain KL, a fraction of the work of the split (the synthetic experiments are binary).
+    computed as one plain KL (`_class_kl`), a fraction of the work of the split (the synthetic experiments are
+    binary; their engine, common.synthetic.fused, forms that KL's gradient in closed form).
     """
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, runs: int | None = None):
@@ -76,7 +76,7 @@ class DKDistill(DistillLoss):
         y, w = self._per_row(labels, rows, "labels"), self._per_row(omega, rows, "omega")
         T = self.temperature
         if zs.shape[1] == 2:
-            return self.reduce_rows(_ClassKL.apply(zt, zs, T) * (self.alpha * T ** 2), w)
+            return self.reduce_rows(self._class_kl(zt, zs, T) * (self.alpha * T ** 2), w)
         bin_s, nt_s, support = D.split_log_probs(zs, y, T, 1)
         bin_t, nt_t, _ = D.split_log_probs(zt, y, T, 1)
         tckd = D.kl_from_log(bin_t, bin_s, 1)
@@ -84,29 +84,10 @@ class DKDistill(DistillLoss):
         per_row = (self.alpha * tckd + self.beta * nckd) * T ** 2
         return self.reduce_rows(per_row, w)
 
-
-class _ClassKL(torch.autograd.Function):
-    """Per-row KL(softmax(z_t/T) ‖ softmax(z_s/T)) over the class axis 1 of (G, C, N) logits — D.kl_logits — with
-    the gradients formed during the forward pass:
-        ∂/∂z_s = (q − p)/T,   ∂/∂z_t = p ⊙ (log p − log q − KL)/T     (p, q the teacher's and student's softmax).
-    The backward pass then only scales them; autograd would replay about ten elementwise ops instead."""
-
     @staticmethod
-    def forward(ctx, z_t, z_s, temperature: float):
-        log_p, log_q = F.log_softmax(z_t / temperature, 1), F.log_softmax(z_s / temperature, 1)
-        p = log_p.exp()
-        diff = log_p.sub_(log_q)                                                          # log p − log q
-        kl = (p * diff).sum(1)
-        grad_s = log_q.exp_().sub_(p).div_(temperature) if ctx.needs_input_grad[1] else None
-        grad_t = diff.sub_(kl.unsqueeze(1)).mul_(p).div_(temperature) if ctx.needs_input_grad[0] else None
-        ctx.save_for_backward(grad_t, grad_s)
-        return kl
-
-    @staticmethod
-    def backward(ctx, grad_kl):
-        grad_t, grad_s = ctx.saved_tensors
-        g = grad_kl.unsqueeze(1)
-        return None if grad_t is None else grad_t * g, None if grad_s is None else grad_s * g, None
+    def _class_kl(z_t, z_s, temperature: float):
+        """Per-row KL(softmax(z_t/T) ‖ softmax(z_s/T)) over the class axis 1 (the two-class case)."""
+        return D.kl_logits(z_t, z_s, temperature, dim=1)
 
 
 @register("js")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from typing import Callable
 
 import torch.nn.functional as F
 from torch import nn
@@ -60,7 +61,7 @@ class Objective(nn.Module):
     """Weighted sum of named terms; ``forward`` returns ``(total, {name: value})`` (values detached, per run)."""
 
     def __init__(self, terms: dict, mask: str = "none", omega: dict | None = None, runs: int | None = None,
-                 context: dict | None = None):
+                 context: dict | None = None, build: Callable[..., DistillLoss] = build_loss):
         super().__init__()
         if mask not in MASKS:
             raise ValueError(f"loss.mask must be one of {MASKS}, got {mask!r}")
@@ -82,7 +83,7 @@ class Objective(nn.Module):
             for key, value in (context or {}).items():
                 if key in accepted:
                     cfg.setdefault(key, value)
-            self.terms[name] = build_loss(loss_name, runs=runs, **cfg)
+            self.terms[name] = build(loss_name, runs=runs, **cfg)
 
     def omega(self, student_logits, teacher_logits, labels):
         # the class axis is 1 both for (B, C, ...) and for runs (R, C, N)
@@ -106,17 +107,20 @@ class Objective(nn.Module):
         return total, parts
 
 
-def build_objective(loss_cfg: dict, runs: int | None = None, context: dict | None = None) -> Objective:
-    """Objective from the ``loss`` section of a config (keys: terms, mask, omega)."""
+def build_objective(loss_cfg: dict, runs: int | None = None, context: dict | None = None,
+                    build: Callable[..., DistillLoss] = build_loss) -> Objective:
+    """Objective from the ``loss`` section of a config (keys: terms, mask, omega). ``build(name, **kwargs)`` makes
+    each term (default: the registry's reference; the synthetic engine passes its fused terms)."""
     cfg = dict(loss_cfg)
-    return Objective(cfg.get("terms", {}), cfg.get("mask", "none"), cfg.get("omega"), runs=runs, context=context)
+    return Objective(cfg.get("terms", {}), cfg.get("mask", "none"), cfg.get("omega"), runs=runs, context=context,
+                     build=build)
 
 
 def method_objective(kd: dict, method: str, mask: str, *, detach_omega: bool = True, runs: int | None = None,
-                     context: dict | None = None) -> Objective:
+                     context: dict | None = None, build: Callable[..., DistillLoss] = build_loss) -> Objective:
     """The Objective of one KD method of an experiment's `kd` config section (the synthetic experiments' schema):
     `ce` with weight kd["ce_weight"] plus the terms of kd["methods"][method], mask none | omega with kd["omega"]'s
     settings; detach_omega=False is the reference's non-detached ω (parity)."""
     terms = {"ce": {"weight": kd["ce_weight"]}, **kd["methods"][method]}
     loss_cfg = {"terms": terms, "mask": mask, "omega": {**kd["omega"], "detach": detach_omega}}
-    return build_objective(loss_cfg, runs=runs, context=context)
+    return build_objective(loss_cfg, runs=runs, context=context, build=build)

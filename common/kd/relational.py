@@ -85,8 +85,7 @@ class PKTDistill(_Relational):
     over the batch by dividing each row by its (ω-weighted) sum; loss = mean_ij t_ij log((t_ij + ε)/(s_ij + ε)).
 
     Computed with log(s_ij + ε) = log(sim_ij + ε·r_i) − log r_i (r_i the row sum), which never materialises the
-    student's distribution; with a constant teacher and ω (the usual case) the student's gradient is taken in
-    closed form (_PKTStudent), otherwise by autograd through the same formula.
+    student's distribution.
     """
 
     def __init__(self, eps: float = 1e-7, sample_rows: int | None = None, runs: int | None = None):
@@ -110,60 +109,32 @@ class PKTDistill(_Relational):
         a = pt if w_rows is None else pt * _pair_weights(w)                            # ω_i ω_j t_ij
         teacher_term = (a * (pt + self.eps).log()).sum((1, 2))
         inv_norm = 1.0 / _pair_wnorm(w)
-        x = self._unit(s)
-        if not (t.requires_grad or w.requires_grad):
-            return ((teacher_term - _PKTStudent.apply(x, a, w_rows, self.eps)) * inv_norm).sum()
-        sim_s, rows_s = self._similarity(x, w_rows)
-        student_term = (a * torch.add(sim_s, rows_s, alpha=self.eps).log()).sum((1, 2)) \
-            - (a.sum(2) * rows_s.squeeze(2).log()).sum(1)
+        student_term = self._student_term(self._unit(s), a, w_rows)
         return ((teacher_term - student_term) * inv_norm).sum()
 
-
-class _PKTStudent(torch.autograd.Function):
-    """Σ_ij a_ij log(s_ij + ε) per group (G,) from unit student columns x (G, D, N), s_ij = sim_ij / r_i, with the
-    gradient w.r.t. x computed in closed form during the forward pass (a, ω constant).
-
-    With q_ij = sim_ij + ε r_i the value is Σ a_ij log q_ij − Σ_i a_i log r_i (a_i = Σ_j a_ij), and
-        ∂/∂sim_ij = a_ij/q_ij − ω_j ρ_i,   ρ_i = a_i/r_i − ε Σ_j a_ij/q_ij   (r_i = Σ_j ω_j sim_ij),
-        ∂/∂x = ½ x (Γ + Γᵀ)   for sim = (xᵀx + 1)/2 and Γ = ∂/∂sim.
-    """
-
-    @staticmethod
-    def forward(ctx, x, a, w, eps: float):
-        # in place wherever a (G, N, N) tensor is not needed again: fresh allocations cost about a pass each
-        q, rows = PKTDistill._similarity(x, w)
-        q.add_(rows, alpha=eps)                                                           # sim + ε·r
-        a_rows = a.sum(2, keepdim=True)
-        a_q = a / q
-        value = q.log_().mul_(a).sum((1, 2)) - (a_rows * rows.log()).sum((1, 2))
-        rho = a_rows / rows - eps * a_q.sum(2, keepdim=True)                            # (G, N, 1)
-        w_cols = torch.ones_like(rho).transpose(1, 2) if w is None else w.unsqueeze(1)
-        gamma = a_q.baddbmm_(rho, w_cols, alpha=-1)                                      # a/q − ρ_i ω_j
-        ctx.save_for_backward(torch.bmm(x, gamma + gamma.transpose(1, 2)).mul_(0.5))
-        return value
-
-    @staticmethod
-    def backward(ctx, grad_value):
-        grad, = ctx.saved_tensors
-        return grad * grad_value.view(-1, 1, 1), None, None, None
+    def _student_term(self, x, a, w_rows):
+        """Σ_ij a_ij log(s_ij + ε) per group for unit student columns x, s_ij = sim_ij / r_i, as
+        Σ a_ij log(sim_ij + ε r_i) − Σ_i a_i log r_i."""
+        sim_s, rows_s = self._similarity(x, w_rows)
+        return (a * torch.add(sim_s, rows_s, alpha=self.eps).log()).sum((1, 2)) \
+            - (a.sum(2) * rows_s.squeeze(2).log()).sum(1)
 
 
 @register("sp")
 class SPDistill(_Relational):
     """Similarity-preserving KD (Tung & Mori 2019): ‖norm(S Sᵀ) − norm(T Tᵀ)‖²_F / N² with row-L2-normalised Gram
-    matrices (ω-weighted row norms and average). With a constant teacher and ω (the usual case) the student's
-    gradient is taken in closed form (_SPStudent), otherwise by autograd through the same formula."""
+    matrices (ω-weighted row norms and average)."""
 
     def forward(self, student_out, teacher_out, labels=None, omega=None, index=None):
         s, t, w = self._prepare(student_out, teacher_out, omega)
         w_rows = None if omega is None else w
         inv_norm = 1.0 / _pair_wnorm(w)
-        if not (t.requires_grad or w.requires_grad):
-            with torch.no_grad():
-                gram_t = _sp_gram(t, w_rows)[0]
-            return (_SPStudent.apply(s, gram_t, w_rows) * inv_norm).sum()
+        return (self._distance(s, t, w, w_rows) * inv_norm).sum()
+
+    def _distance(self, s, t, w, w_rows):
+        """Σ_ij ω_i ω_j (T_ij − S_ij)² per group, S and T the row-normalised Gram matrices."""
         diff = _sp_gram(t, w_rows)[0] - _sp_gram(s, w_rows)[0]
-        return (_pair_wsum(diff * diff, w) * inv_norm).sum()
+        return _pair_wsum(diff * diff, w)
 
 
 def _sp_gram(x, w):
@@ -174,40 +145,6 @@ def _sp_gram(x, w):
     row_sq = sq.sum(2, keepdim=True) if w is None else torch.bmm(sq, w.unsqueeze(2))
     row_norm = row_sq.sqrt().clamp_min(1e-12)
     return g / row_norm, g, row_norm
-
-
-class _SPStudent(torch.autograd.Function):
-    """Σ_ij ω_i ω_j (T_ij − S_ij)² per group (G,), S = row-normalised Gram matrix of the student columns x (G, D, N),
-    with the gradient w.r.t. x computed in closed form during the forward pass (teacher T and ω constant).
-
-    With g = xᵀx, n_i = max(√(Σ_j ω_j g_ij²), 1e-12), S = g/n and d = T − S:
-        ∂/∂g_ij = −2 ω_i ω_j (d_ij − S_ij c_i)/n_i,   c_i = Σ_k ω_k d_ik S_ik   (c_i = 0 where n_i is clamped),
-        ∂/∂x = x (Γ + Γᵀ)   for Γ = ∂/∂g.
-    """
-
-    @staticmethod
-    def forward(ctx, x, gram_t, w):
-        # _sp_gram written in place (one scratch tensor reused): fresh (G, N, N) allocations cost about a pass each
-        wsum = (lambda m: m.sum(2, keepdim=True)) if w is None else (lambda m: torch.bmm(m, w.unsqueeze(2)))
-        gram_s = torch.bmm(x.transpose(1, 2), x)
-        scratch = gram_s * gram_s
-        row_norm = wsum(scratch).sqrt_().clamp_min_(1e-12)
-        gram_s.div_(row_norm)
-        d = gram_t - gram_s
-        rows = wsum(torch.mul(d, d, out=scratch))                                        # (G, N, 1)
-        value = (rows.squeeze(2) if w is None else rows.squeeze(2) * w).sum(1)
-        c = wsum(torch.mul(d, gram_s, out=scratch)) * (row_norm > 1e-12).to(x.dtype)
-        coef = -2.0 / row_norm if w is None else (-2.0 * w.unsqueeze(2)) / row_norm       # (G, N, 1)
-        gamma = d.addcmul_(gram_s, c, value=-1).mul_(coef)
-        if w is not None:
-            gamma.mul_(w.unsqueeze(1))
-        ctx.save_for_backward(torch.bmm(x, gamma + gamma.transpose(1, 2)))
-        return value
-
-    @staticmethod
-    def backward(ctx, grad_value):
-        grad, = ctx.saved_tensors
-        return grad * grad_value.view(-1, 1, 1), None, None
 
 
 def _pdist(e, eps=1e-12):
@@ -277,12 +214,18 @@ class RKDistill(_Relational):
             dw = distinct
         with torch.no_grad():
             teacher = _rkd_geometry(_cols(t, ix), p, k, distinct, dw)
-        if not w.requires_grad:
-            return _RKDSampledLoss.apply(s, ix, teacher.ds, teacher.cos, pw, tw, distinct, dw, self.w_d, self.w_a)
-        # ω with a gradient (mask parity mode): plain autograd, the weights are differentiated too
+        return self._sampled_loss(s, ix, teacher, pw, tw, distinct, dw)
+
+    def _sampled_loss(self, s, ix, teacher: "_Geometry", pw, tw, distinct, dw):
+        """w_d · L_d + w_a · L_a per group at the drawn columns ix; pw / tw the pair / triplet weights (None: 1)."""
+        p, k = teacher.ds.shape[1], teacher.cos.shape[1]
         student = _rkd_geometry(_cols(s, ix), p, k, distinct, dw)
-        loss_d = _wmean(F.smooth_l1_loss(student.ds, teacher.ds, reduction="none"), pw, 1)
-        loss_a = _wmean(F.smooth_l1_loss(student.cos, teacher.cos, reduction="none"), tw, 1)
+
+        def mean(values, weights):
+            return values.mean(1) if weights is None else _wmean(values, weights, 1)
+
+        loss_d = mean(F.smooth_l1_loss(student.ds, teacher.ds, reduction="none"), pw)
+        loss_a = mean(F.smooth_l1_loss(student.cos, teacher.cos, reduction="none"), tw)
         return self.w_d * loss_d + self.w_a * loss_a
 
     def forward(self, student_out, teacher_out, labels=None, omega=None, index=None):
@@ -324,61 +267,3 @@ def _rkd_geometry(x, p: int, k: int, distinct, dw) -> _Geometry:
     nu, nv = _norm_floor(uu), _norm_floor(vv)
     return _Geometry(dij=dij, r=r, root=root, d=d, dw_sum=dw_sum, mu=mu, mu_c=mu_c, ds=d / mu_c, u=u, v=v, uu=uu,
                      vv=vv, nu=nu, nv=nv, cos=uv / (nu * nv))
-
-
-class _RKDSampledLoss(torch.autograd.Function):
-    """Per-group sampled RKD loss w_d·L_d + w_a·L_a (G,) from the student's samples s (G, D, N) at the drawn columns,
-    with its gradient w.r.t. s computed in closed form during the forward pass (constant weights and teacher).
-
-    L_d = Σ_q pw_q h(ds_q − dt_q) / Σ pw and L_a = Σ_t tw_t h(cos_t − at_t) / Σ tw with h the smooth-L1 (β = 1),
-    h' = clamp(·, −1, 1). With γ = w_d·pw·h'/Σpw and α = w_a·tw·h'/Σtw:
-        ∂/∂d_q   = γ_q/μ − (Σ_p γ_p d_p)/μ² · dw_q/Σdw            (the second term only while μ > 1e-12)
-        ∂/∂x_j   = −∂/∂x_i = ∂/∂d_ij · 1[i ≠ j] · (x_j − x_i)/‖x_j − x_i‖   (0 while ‖·‖² < 1e-12)
-        ∂/∂u     = α (v/(‖u‖‖v‖) − cos·u/‖u‖²)   (u = x_b − x_a; likewise v = x_c − x_a),  ∂/∂x_a = −∂/∂u − ∂/∂v
-    — the derivatives autograd would take through the same formulas, in about a third of the tensor passes.
-    """
-
-    @staticmethod
-    def forward(ctx, s, ix, dt, at, pw, tw, distinct, dw, w_d: float, w_a: float):
-        """s (G, D, N) student samples, ix (G, 2p + 3k) the drawn columns [i | j | a | b | c]; pw (G, p) and tw (G, k)
-        the pair / triplet weights (None: all 1), dw = pw · distinct."""
-        p, k = dt.shape[1], at.shape[1]
-        cols = ix.unsqueeze(1).expand(-1, s.shape[1], -1)
-        geo = _rkd_geometry(s.gather(2, cols), p, k, distinct, dw)
-
-        def weighted_mean_and_scale(values, weights, count):
-            if weights is None:
-                return values.sum(1) / count, 1.0 / count
-            total = weights.sum(1, keepdim=True).clamp_min(1e-12)
-            return (values * weights).sum(1) / total.squeeze(1), weights / total
-
-        loss_d, scale_d = weighted_mean_and_scale(F.smooth_l1_loss(geo.ds, dt, reduction="none"), pw, p)
-        loss_a, scale_a = weighted_mean_and_scale(F.smooth_l1_loss(geo.cos, at, reduction="none"), tw, k)
-        loss = w_d * loss_d + w_a * loss_a
-        # gradient w.r.t. the gathered columns, written straight into one buffer laid out like them
-        grad = torch.empty(cols.shape, dtype=s.dtype, device=s.device)
-        g_i, g_j, g_a, g_b, g_c = grad.split([p, p, k, k, k], 2)
-        # distances
-        gamma = (geo.ds - dt).clamp_(-1, 1).mul_(scale_d).mul_(w_d)
-        through_mu = (gamma * geo.d).sum(1, keepdim=True) / geo.mu_c.pow(2) * (geo.mu >= 1e-12).to(s.dtype)
-        grad_d = gamma.div_(geo.mu_c).sub_(through_mu * dw / geo.dw_sum)
-        grad_r = grad_d.mul_(distinct).mul_((geo.r >= 1e-12).to(s.dtype)).div_(geo.root)
-        torch.mul(geo.dij, grad_r.unsqueeze(1), out=g_j)
-        torch.neg(g_j, out=g_i)
-        # angles
-        alpha = (geo.cos - at).clamp_(-1, 1).mul_(scale_a).mul_(w_a)
-        c_uv = (alpha / (geo.nu * geo.nv)).unsqueeze(1)
-        c_u = (alpha * geo.cos / (geo.nu * geo.nu) * (geo.uu >= 1e-24).to(s.dtype)).unsqueeze(1)
-        c_v = (alpha * geo.cos / (geo.nv * geo.nv) * (geo.vv >= 1e-24).to(s.dtype)).unsqueeze(1)
-        torch.mul(geo.v, c_uv, out=g_b).addcmul_(geo.u, c_u, value=-1)
-        torch.mul(geo.u, c_uv, out=g_c).addcmul_(geo.v, c_v, value=-1)
-        torch.add(g_b, g_c, out=g_a).neg_()
-        # scattered back onto the samples here: the backward pass then only scales a (G, D, N) tensor
-        ctx.save_for_backward(torch.zeros_like(s).scatter_add_(2, cols, grad))
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad, = ctx.saved_tensors
-        return grad * grad_loss.view(-1, 1, 1), None, None, None, None, None, None, None, None, None
-

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from common.synthetic import fastfit
+from common.synthetic import dispatch, fastfit
 from common.divergence import nontarget_js
 from common.kd import build_objective
 from common.saliency import joint_train, saliency_vector
@@ -131,8 +131,8 @@ def test_objective_grad_only_for_objectives_it_covers():
 
 @pytest.mark.parametrize("variant", ["textbook", "reference"])
 def test_rank1_saliency_on_a_trained_mlp_equals_the_copy_path(variant):
-    """After joint training (so the non-target distributions are far from uniform), common.saliency's rank-1 input
-    path gives the copy path's saliency, raw and normalised."""
+    """After joint training (so the non-target distributions are far from uniform), the synthetic engine's rank-1
+    input path gives the reference copy path's saliency, raw and normalised."""
     g = torch.Generator().manual_seed(2)
     R, N = 2, 400
     x, x2 = torch.randn(R, 50, N, generator=g), torch.randn(R, 50, N, generator=g)
@@ -141,12 +141,10 @@ def test_rank1_saliency_on_a_trained_mlp_equals_the_copy_path(variant):
     t, s = mlp(R, [1, 2]), mlp(R, [3, 4])
     fastfit.fit([t, s], [x, x2], epochs=30, lr=0.1, momentum=0.9, grad_fn=fastfit.joint_ncjsd_grad(y, 4))
     for normalize in (False, True):
-        kw = dict(op="permute", distance="ncjsd", repeats=3, batch_dim=2, channel_dim=1, class_dim=1,
-                  variant=variant, normalize=normalize)
+        kw = dict(op="permute", distance="ncjsd", repeats=3, variant=variant, normalize=normalize)
         ref = saliency_vector(t, s, [(x, x2, y)], "input", chunk=7, generator=torch.Generator().manual_seed(5),
-                              rank1=False, **kw)
-        fast = saliency_vector(t, s, [(x, x2, y)], "input", chunk=4, generator=torch.Generator().manual_seed(5),
-                               **kw)
+                              batch_dim=2, channel_dim=1, class_dim=1, **kw)
+        fast = dispatch.saliency(t, s, x, x2, y, chunk=4, generator=torch.Generator().manual_seed(5), **kw)
         assert fast.shape == ref.shape == (R, 50)
         assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-4 if normalize else 1e-8)
     assert not t.training and not s.training

@@ -8,6 +8,7 @@ from torch import nn
 from common.divergence import nontarget_js
 from common.saliency import (Intervention, channel_count, intervene, joint_train, remove_channels, removal_indices,
                              resolve_place, saliency_vector)
+from common.synthetic import dispatch, rank1
 from common.synthetic.vectorized import batched_mlp
 
 SHARED = [2, 5, 7]  # features both modalities see, and the only ones the label depends on
@@ -457,9 +458,10 @@ def test_joint_train_default_loss_class_dim_matches_class_last(distance):
 @pytest.mark.parametrize("op", ["zero", "mean", "permute"])
 @pytest.mark.parametrize("distance", ["mse", "ncjsd"])
 @pytest.mark.parametrize("model", ["single_linear", "mlp"])
-def test_rank1_input_path_equals_copy_path(op, distance, model):
-    """The rank-1 update at the first linear layer gives the copy path's numbers, for a lone BatchedLinear (gauss)
-    and a BatchedLinear MLP (sklearn_exp), with the same random draws."""
+def test_synthetic_rank1_stack_path_equals_copy_path(op, distance, model):
+    """The synthetic engine's rank-1 path (common.synthetic.dispatch.saliency → rank1.stack_saliency) gives the
+    reference copy path's numbers, for a lone BatchedLinear (gauss) and a BatchedLinear MLP (sklearn_exp), with the
+    same random draws."""
     g = _gen(3)
     R, N = 3, 40
     dims = [9, 4] if model == "single_linear" else [9, 6, 5, 4]
@@ -467,14 +469,29 @@ def test_rank1_input_path_equals_copy_path(op, distance, model):
     student = batched_mlp([7, 4], R, seeds=[4, 5, 6])
     if model == "single_linear":
         teacher = teacher[0]
-    batches = [(torch.randn(R, 9, N, generator=g), torch.randn(R, 7, N, generator=g),
-                torch.randint(0, 4, (R, N), generator=g))]
-    kw = dict(op=op, distance=distance, repeats=3, chunk=4, normalize=False, **FEATURE_MAJOR)
-    slow = saliency_vector(teacher, student, batches, "input", generator=_gen(8), rank1=False, **kw)
+    x_t, x_s, y = torch.randn(R, 9, N, generator=g), torch.randn(R, 7, N, generator=g), torch.randint(0, 4, (R, N), generator=g)
+    kw = dict(op=op, distance=distance, repeats=3, chunk=4, normalize=False)
+    slow = saliency_vector(teacher, student, [(x_t, x_s, y)], "input", generator=_gen(8), **FEATURE_MAJOR, **kw)
     for group_chunk in (None, 1, 2):   # all runs at once, one at a time, a partial last block
-        fast = saliency_vector(teacher, student, batches, "input", generator=_gen(8), group_chunk=group_chunk, **kw)
+        fast = dispatch.saliency(teacher, student, x_t, x_s, y, generator=_gen(8), group_chunk=group_chunk, **kw)
         assert fast.shape == (R, 9)
         torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    assert rank1.runs_stack(nn.Sequential(nn.Tanh(), teacher)) is None
+
+
+@pytest.mark.parametrize("op", ["zero", "mean", "permute"])
+@pytest.mark.parametrize("distance", ["mse", "ncjsd"])
+def test_nn_linear_rank1_input_shortcut_equals_copy_path(op, distance):
+    """common.saliency's own shortcut: at place "input" of a model starting with an nn.Linear, the copies are a rank-1
+    update of that layer's output — the copy path's numbers and random draws."""
+    g = _gen(4)
+    teacher = nn.Sequential(nn.Linear(9, 6), nn.ReLU(), nn.Linear(6, 4))
+    student = nn.Sequential(nn.Linear(7, 4))
+    batches = [(torch.randn(30, 9, generator=g), torch.randn(30, 7, generator=g), torch.randint(0, 4, (30,), generator=g))]
+    kw = dict(op=op, distance=distance, repeats=3, chunk=4, normalize=False)
+    slow = saliency_vector(teacher, student, batches, "input", generator=_gen(8), rank1=False, **kw)
+    fast = saliency_vector(teacher, student, batches, "input", generator=_gen(8), **kw)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
 
 
 def test_rank1_path_is_skipped_when_the_first_layer_is_not_linear():

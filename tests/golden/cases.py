@@ -149,10 +149,30 @@ def _tiny_models():
     return teacher, student, batches
 
 
-def saliency_cases() -> dict:
-    from common.saliency import joint_train, removal_indices, saliency_vector
+def runs_models():
+    """A 6-8-4 teacher and a 5-8-4 student stack over RUNS runs, and one batch of 10 samples in the runs layout."""
     from common.synthetic.vectorized import batched_mlp
 
+    t_runs = batched_mlp([6, 8, 4], RUNS, seeds=[1, 2, 3]).to(DT)
+    s_runs = batched_mlp([5, 8, 4], RUNS, seeds=[4, 5, 6]).to(DT)
+    g = _gen(13)
+    xt, xs = torch.randn(RUNS, 6, 10, generator=g, dtype=DT), torch.randn(RUNS, 5, 10, generator=g, dtype=DT)
+    return t_runs, s_runs, xt, xs, torch.randint(4, (RUNS, 10), generator=g)
+
+
+def runs_saliency(saliency) -> dict:
+    """Input saliency of the runs models by `saliency(fast, **kwargs)`: the reference, or the synthetic dispatch."""
+    out = {}
+    for distance in ("mse", "ncjsd"):
+        for fast in (True, False):
+            s = saliency(fast, op="permute", distance=distance, repeats=2, generator=_gen(4), normalize=False,
+                         chunk=4)
+            out[f"saliency/runs/{distance}/rank1_{fast}"] = s.detach().numpy()
+    return out
+
+
+def saliency_cases() -> dict:
+    from common.saliency import joint_train, removal_indices, saliency_vector
     out = {}
     teacher, student, batches = _tiny_models()
     for place in ("input", "1"):
@@ -163,17 +183,9 @@ def saliency_cases() -> dict:
                                         generator=_gen(3), normalize=False, rank1=rank1, chunk=4)
                     out[f"saliency/{place}/{op}/{distance}/rank1_{rank1}"] = s
     # the runs layout of the synthetic experiments: (R, D, N) → (R, C, N), the stacked rank-1 path
-    t_runs = batched_mlp([6, 8, 4], RUNS, seeds=[1, 2, 3]).to(DT)
-    s_runs = batched_mlp([5, 8, 4], RUNS, seeds=[4, 5, 6]).to(DT)
-    g = _gen(13)
-    xt, xs = torch.randn(RUNS, 6, 10, generator=g, dtype=DT), torch.randn(RUNS, 5, 10, generator=g, dtype=DT)
-    yr = torch.randint(4, (RUNS, 10), generator=g)
-    for distance in ("mse", "ncjsd"):
-        for rank1 in (True, False):
-            s = saliency_vector(t_runs, s_runs, [(xt, xs, yr)], "input", op="permute", distance=distance, repeats=2,
-                                batch_dim=2, channel_dim=1, class_dim=1, generator=_gen(4), normalize=False,
-                                rank1=rank1, chunk=4)
-            out[f"saliency/runs/{distance}/rank1_{rank1}"] = s
+    t_runs, s_runs, xt, xs, yr = runs_models()
+    out.update(runs_saliency(lambda fast, **kw: saliency_vector(t_runs, s_runs, [(xt, xs, yr)], "input", batch_dim=2,
+                                                                channel_dim=1, class_dim=1, **kw)))
     sal = out["saliency/input/permute/mse/rank1_True"]
     for mode in (0, 1, 2):
         out[f"removal/mode{mode}"] = removal_indices(sal, mode, 0.5, generator=_gen(9))
@@ -184,7 +196,7 @@ def saliency_cases() -> dict:
         history = joint_train(a, b, lambda: batches, epochs=3, lr=0.05, distance=distance)
         out[f"joint_train/{distance}"] = torch.tensor(history)
     out["joint_train/weights"] = torch.cat([p.detach().flatten() for p in (*a.parameters(), *b.parameters())])
-    return {k: v.detach().numpy() for k, v in out.items()}
+    return {k: v if isinstance(v, np.ndarray) else v.detach().numpy() for k, v in out.items()}
 
 
 # -- the synthetic experiments' tables -----------------------------------------------------------------------------
