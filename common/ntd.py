@@ -492,7 +492,7 @@ def advise(teacher_logits, probe_logits, labels=None, threshold: float = 0.996, 
     t, p, y = _check_pair(teacher_logits, probe_logits, labels, sources)
     n, classes = t.shape
     if names is not None and len(names) != classes:
-        raise DataError(f"class names: expected {classes} names (one per logit column), got {len(names)}")
+        raise DataError(f"class names (--names): expected {classes} names (one per logit column), got {len(names)}")
     targets = y if y is not None else t.argmax(1)
     per = _per_sample(t, p, targets, y is not None, threshold, omega_space, temperature)
     quantity = "ncjsd" if classes >= 3 else "target_mass_js"

@@ -119,12 +119,12 @@ def test_omega_statistics_on_a_constructed_case():
     assert unlabelled["teacher_accuracy"] is None and any("no labels" in n for n in unlabelled["notes"])
 
 
-def _pair(rng, n=2000, classes=10, nontarget_noise=0.2):
-    """A teacher and a probe that agree on the target logit; the probe's non-target logits differ by noise."""
+def _pair(rng, n=2000, classes=10, noise=0.2):
+    """A teacher and a probe whose logits differ by Gaussian noise of scale `noise`; labels mostly the teacher's argmax."""
     teacher = rng.normal(size=(n, classes)) * 2
     labels = teacher.argmax(1)
     labels[: n // 10] = rng.integers(0, classes, n // 10)
-    probe = teacher + rng.normal(size=teacher.shape) * nontarget_noise
+    probe = teacher + rng.normal(size=teacher.shape) * noise
     return teacher, probe, labels
 
 
@@ -173,7 +173,7 @@ def test_rank_orders_candidates_by_non_target_divergence():
     rng = np.random.default_rng(3)
     cands = {}
     for name, noise in (("medium", 1.0), ("far", 3.0), ("near", 0.1)):
-        cands[name] = _pair(np.random.default_rng(4), nontarget_noise=noise)
+        cands[name] = _pair(np.random.default_rng(4), noise=noise)
     ranking = ntd.rank(cands)
     assert [e["name"] for e in ranking] == ["near", "medium", "far"]
     assert [e["rank"] for e in ranking] == [1, 2, 3]
