@@ -1,25 +1,30 @@
-"""Training, cross-modal distillation and evaluation of SSC networks (one `fit` per model, checkpoints with resume)."""
+"""The pieces the SSC trainer (`trainer.py`) and `test.py` share: config checks, datasets and loaders (held-out
+validation scenes, per-role shuffles, sharded evaluation under torchrun), models, evaluation and the KD objective."""
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from common import ddp
 from common.config import ConfigError, DataError
 from common.kd import build_objective
-from common.run import load_checkpoint, load_training_state, save_training_state
+from common.run import derived_seed, generator_dir, load_checkpoint
+from common.train import freeze, holdout_split, loader_generator, seed_worker
 from nyu_ssc import config as SC
 from nyu_ssc import data, synth
-from nyu_ssc.metrics import SSCMetrics, format_result
-from nyu_ssc.models import MODELS, make_model, to_channels_last_3d
+from nyu_ssc.metrics import SSCMetrics
+from nyu_ssc.models import make_model, to_channels_last_3d
+
+KD_CONTEXT = {"student_dim": SC.NUM_CLASSES, "teacher_dim": SC.NUM_CLASSES}
 
 
 def check_config(cfg: dict) -> None:
+    """What config.yaml's `_checks` cannot say: grid shapes, the class-weight count, a buildable KD objective."""
     g = cfg["grid"]
     for key in ("hr", "lr"):
         if not (isinstance(g[key], list) and len(g[key]) == 3 and all(isinstance(v, int) and v > 0 for v in g[key])):
@@ -29,38 +34,35 @@ def check_config(cfg: dict) -> None:
                           f"got hr {g['hr']}, lr {g['lr']}")
     if len(g["image"]) != 2 or len(g["intrinsics"]) != 4:
         raise ConfigError("grid.image expects [H, W] and grid.intrinsics [fx, fy, cx, cy]")
-    for key in ("model.name", "kd.student", "kd.teacher"):
-        sec, k = key.split(".")
-        if cfg[sec][k] not in MODELS:
-            raise ConfigError(f"{key}: unknown model {cfg[sec][k]!r}; known: {', '.join(MODELS)}")
     if len(cfg["train"]["class_weights"]) != SC.NUM_CLASSES:
-        raise ConfigError(f"train.class_weights: expected {SC.NUM_CLASSES} values, got {len(cfg['train']['class_weights'])}")
-    if cfg["eval"]["select"] not in ("miou", "ssc_iou"):
-        raise ConfigError(f"eval.select: expected miou or ssc_iou, got {cfg['eval']['select']!r}")
-    if cfg["train"]["amp_dtype"] not in ("float16", "bfloat16"):
-        raise ConfigError(f"train.amp_dtype: expected float16 or bfloat16, got {cfg['train']['amp_dtype']!r}")
-    if cfg["kd"]["region"] not in ("labelled", "all"):
-        raise ConfigError(f"kd.region: expected labelled or all, got {cfg['kd']['region']!r}")
+        raise ConfigError(f"train.class_weights: expected {SC.NUM_CLASSES} values, got "
+                          f"{len(cfg['train']['class_weights'])}")
+    try:
+        build_objective(cfg["kd"]["loss"], context=KD_CONTEXT)
+    except (KeyError, TypeError, ValueError) as e:
+        msg = e.args[0] if e.args else str(e)
+        raise ConfigError(f"kd.loss: {msg}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # data
 
 def data_dirs(cfg: dict, run_path: Path | None = None, log=print) -> dict:
-    """{train, val} folders; for the demo the scenes are generated (once) under <run>/demo_data."""
+    """{train, test} folders; for the demo the scenes are generated (once) under <run>/demo_data."""
     ds = cfg["data"]["dataset"]
-    if ds == "demo":
-        if run_path is None:
-            raise ConfigError("data.dataset demo needs a run directory to write its scenes into")
-        dm, root = cfg["data"]["demo"], Path(run_path) / "demo_data"
-        out = {"train": root / "train", "val": root / "val"}
-        for split, n, seed in (("train", dm["train"], dm["seed"]), ("val", dm["val"], dm["seed"] + 10_000)):
+    if ds != "demo":
+        return {s: SC.Path.db_root_dir(ds, cfg, s) for s in ("train", "test")}
+    if run_path is None:
+        raise ConfigError("data.dataset demo needs a run directory to write its scenes into")
+    dm, root = cfg["data"]["demo"], Path(run_path) / "demo_data"
+    out = {"train": root / "train", "test": root / "test"}
+    if ddp.is_main():
+        for split, n, seed in (("train", dm["train"], dm["seed"]), ("test", dm["test"], dm["seed"] + 10_000)):
             if not list(out[split].glob("*.npz")):
-                t = time.perf_counter()
-                synth.write_npz_split(out[split], n, seed, cfg)
-                log(f"demo: wrote {n} synthetic {split} scenes to {out[split]} ({time.perf_counter() - t:.1f} s)")
-        return out
-    return {s: SC.Path.db_root_dir(ds, cfg, s) for s in ("train", "val")}
+                synth.write_npz_split(generator_dir(out[split], "demo scenes"), n, seed, cfg)
+                log(f"demo: wrote {n} synthetic {split} scenes to {out[split]}")
+    ddp.barrier()
+    return out
 
 
 def models_used(cfg: dict) -> set:
@@ -68,17 +70,40 @@ def models_used(cfg: dict) -> set:
     return {k["teacher"], k["student"]} if k["enabled"] else {cfg["model"]["name"]}
 
 
-def make_loaders(cfg: dict, dirs: dict, splits=("train", "val")) -> dict:
+def datasets(cfg: dict, dirs: dict, splits=("train", "val", "test")) -> dict:
+    """train / val = the training scenes split by `data.val_fraction` (seeded), test = the released test split."""
     g, d = cfg["grid"], cfg["data"]
     need_tsdf = any("tsdf" in make_model(m, grid=(4, 4, 4)).inputs for m in models_used(cfg))
+    load = lambda folder: data.SSCNpz(folder, g["hr"], g["lr"], g["image"], d["max_items"], load_tsdf=need_tsdf)
     out = {}
-    for split in splits:
-        dset = data.SSCNpz(dirs[split], g["hr"], g["lr"], g["image"], d["max_items"], load_tsdf=need_tsdf)
-        gen = torch.Generator().manual_seed(cfg["seed"])
-        out[split] = DataLoader(dset, batch_size=cfg["train"]["batch_size"], shuffle=split == "train",
-                                num_workers=d["workers"], generator=gen, drop_last=False,
-                                pin_memory=torch.cuda.is_available())
-    return out
+    if "train" in splits or "val" in splits:
+        full = load(dirs["train"])
+        train_idx, val_idx = holdout_split(len(full), d["val_fraction"], cfg["seed"])
+        out["train"], out["val"] = Subset(full, train_idx.tolist()), Subset(full, val_idx.tolist())
+    if "test" in splits:
+        out["test"] = load(dirs["test"])
+    return {k: v for k, v in out.items() if k in splits}
+
+
+def train_loader(cfg: dict, dataset, role: str) -> tuple[DataLoader, torch.Generator | None]:
+    """Shuffled batches from a generator seeded by (seed, role): a no-KD baseline and a KD student (role "student")
+    see the same batches in the same order. Under torchrun a DistributedSampler with the same derived seed shards
+    them; call `ddp.set_epoch(loader.sampler, epoch)` each epoch."""
+    sampler = ddp.make_sampler(dataset, shuffle=True, seed=derived_seed(cfg["seed"], "loader", role))
+    gen = None if sampler is not None else loader_generator(cfg["seed"], role)
+    loader = DataLoader(dataset, batch_size=cfg["train"]["batch_size"], shuffle=sampler is None, sampler=sampler,
+                        generator=gen, num_workers=cfg["data"]["workers"], worker_init_fn=seed_worker,
+                        pin_memory=torch.cuda.is_available())
+    return loader, gen
+
+
+def eval_loader(cfg: dict, dataset) -> DataLoader:
+    """In order; under torchrun each rank takes every world_size-th scene (no padding duplicates: the metrics are
+    all-reduced over ranks afterwards)."""
+    if ddp.world_size() > 1:
+        dataset = Subset(dataset, list(range(ddp.rank(), len(dataset), ddp.world_size())))
+    return DataLoader(dataset, batch_size=cfg["train"]["batch_size"], shuffle=False,
+                      num_workers=cfg["data"]["workers"], pin_memory=torch.cuda.is_available())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -93,7 +118,7 @@ def build(cfg: dict, name: str, device) -> torch.nn.Module:
 
 
 def forward(model, batch: dict, device, non_blocking=True):
-    kw = {k: batch[k].to(device, non_blocking=non_blocking) for k in model.inputs}
+    kw = {k: batch[k].to(device, non_blocking=non_blocking) for k in ddp.unwrap(model).inputs}
     return model(position=batch["position"].to(device, non_blocking=non_blocking), **kw)
 
 
@@ -104,7 +129,7 @@ def autocast(cfg: dict, device):
 
 
 def load_weights(model: torch.nn.Module, path) -> dict:
-    """Our training state ({'model': ...}), a best-model file, or the reference's {'state_dict'} with 'module.'."""
+    """A best-model file ({'model': ...}) or the reference's {'state_dict'} with 'module.' prefixes."""
     ckpt = load_checkpoint(path)
     state = ckpt.get("model") if isinstance(ckpt, dict) else None
     if state is None and isinstance(ckpt, dict):
@@ -125,7 +150,8 @@ def load_weights(model: torch.nn.Module, path) -> dict:
 
 @torch.no_grad()
 def evaluate(model, loader, cfg, device, keep: int = 0, desc: str = "val") -> tuple[dict, list]:
-    """Both aggregations (metrics.py) and up to `keep` (prediction, target, nonempty, name) for the plots."""
+    """Both aggregations (metrics.py), all-reduced over torchrun ranks, and up to `keep` (prediction, target,
+    nonempty, name) of this rank's scenes for the plots."""
     model.eval()
     metrics, kept = SSCMetrics(), []
     for batch in tqdm(loader, desc=desc, leave=False, disable=not cfg["progress"]):
@@ -137,7 +163,31 @@ def evaluate(model, loader, cfg, device, keep: int = 0, desc: str = "val") -> tu
             if len(kept) < keep:
                 kept.append((pred[i].numpy(), batch["target"][i].numpy(), batch["nonempty"][i].numpy(),
                              batch["name"][i]))
-    return metrics.result(), kept
+    return metrics.all_reduce().result(), kept
+
+
+@torch.no_grad()
+def voxel_logits(model, loader, cfg, device, max_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 12) logits and (N,) labels of the labelled voxels (≠ 255) of `loader`'s scenes, gathered over ranks:
+    what the NTD advisor (`common.ntd`) reads. Each scene gives at most max_rows / #scenes voxels, drawn with a seed
+    derived from (seed, scene name), so the rows do not depend on the batch size or the number of ranks."""
+    model.eval()
+    per_scene = max(1, max_rows // max(1, len(loader.dataset) * ddp.world_size()))
+    rows, labels = [], []
+    for batch in loader:
+        with autocast(cfg, device):
+            z = forward(model, batch, device).float().movedim(1, -1).cpu()
+        for b, name in enumerate(batch["name"]):
+            keep = (batch["target"][b] != SC.IGNORE).reshape(-1).numpy()
+            idx = np.flatnonzero(keep)
+            if len(idx) > per_scene:
+                rng = np.random.default_rng(derived_seed(seed, "ntd_rows", name))
+                idx = np.sort(rng.choice(idx, per_scene, replace=False))
+            rows.append(z[b].reshape(-1, z.shape[-1]).numpy()[idx])
+            labels.append(batch["target"][b].reshape(-1).numpy()[idx])
+    parts = ddp.all_gather_object((np.concatenate(rows), np.concatenate(labels)))
+    return (np.concatenate([p[0] for p in parts]).astype(np.float32),
+            np.concatenate([p[1] for p in parts]).astype(np.int64))
 
 
 def headline(res: dict, cfg: dict) -> dict:
@@ -145,19 +195,17 @@ def headline(res: dict, cfg: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# training
+# distillation
 
 class KD:
-    """Frozen teacher + the common.kd objective, voxel-wise."""
+    """Frozen teacher (`common.train.freeze`) + the common.kd objective, voxel-wise."""
 
-    def __init__(self, cfg: dict, teacher: torch.nn.Module):
+    def __init__(self, cfg: dict, teacher: torch.nn.Module, mask: str | None = None):
         k, self.cfg = cfg["kd"], cfg
-        self.teacher, self.region, self.ce_weight = teacher.eval(), k["region"], k["ce_weight"]
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        loss = {**k["loss"], "omega": {**k["loss"]["omega"], "detach": not cfg["parity"]}}
-        self.objective = build_objective(loss, context={"student_dim": SC.NUM_CLASSES,
-                                                        "teacher_dim": SC.NUM_CLASSES})
+        self.teacher, self.region, self.ce_weight = freeze(teacher), k["region"], k["ce_weight"]
+        loss = {**k["loss"], "mask": mask or k["loss"]["mask"],
+                "omega": {**k["loss"]["omega"], "detach": not cfg["parity"]}}
+        self.objective = build_objective(loss, context=KD_CONTEXT)
 
     def __call__(self, logits_s, batch, target, device):
         with torch.no_grad(), autocast(self.cfg, device):
@@ -169,89 +217,3 @@ class KD:
             return self.objective(rows(zs), rows(logits_t), target[keep])
         labels = torch.where(target == SC.IGNORE, torch.zeros_like(target), target)   # ω needs a class id
         return self.objective(zs, logits_t, labels)
-
-
-def fit(cfg: dict, name: str, tag: str, loaders: dict, device, rd, kd: KD | None = None, epochs: int | None = None,
-        log=print) -> dict:
-    """Train `name` (checkpoint tag `tag`) for `epochs`, validating every eval.every epochs; resumes from
-    <run>/checkpoint/cp_<tag>.pth when that exists. Returns {'best': ..., 'history': [...], 'best_path': ...}."""
-    t = cfg["train"]
-    epochs = epochs or t["epochs"]
-    model = build(cfg, name, device)
-    params = list(model.parameters()) + (list(kd.objective.parameters()) if kd else [])
-    opt = torch.optim.SGD(params, lr=t["lr"], momentum=t["momentum"], weight_decay=t["weight_decay"])
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=t["lr_adj_n"], gamma=t["lr_adj_rate"])
-    scaler = torch.amp.GradScaler("cuda", enabled=t["amp"] and t["amp_dtype"] == "float16"
-                                  and torch.device(device).type == "cuda")
-    weights = torch.tensor(t["class_weights"], dtype=torch.float32, device=device)
-    cp, best_path = rd.checkpoint_dir / f"cp_{tag}.pth", rd.checkpoint_dir / f"cpBest_{tag}.pth"
-    start, history, best = 1, [], None
-    if cp.is_file():
-        st = load_training_state(cp, model=model, optimizer=opt, scheduler=sched, map_location=device)
-        start, history, best = st["epoch"] + 1, st.get("history", []), st.get("best")
-        log(f"{tag}: resumed from {cp} after epoch {st['epoch']}")
-    sel = cfg["eval"]["select"]
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"{tag}: {name} ({n_params / 1e6:.2f} M parameters), epochs {start}..{epochs}, "
-        f"{len(loaders['train'].dataset)} train / {len(loaders['val'].dataset)} val scenes"
-        + (f", KD from {kd.teacher.__class__.__name__} ({', '.join(kd.objective.terms)}, mask "
-           f"{kd.objective.mask}, region {kd.region})" if kd else ""))
-    step = (start - 1) * len(loaders["train"])
-    for epoch in range(start, epochs + 1):
-        model.train()
-        t0, sums, n = time.perf_counter(), {}, 0
-        for i, batch in enumerate(tqdm(loaders["train"], desc=f"{tag} {epoch}/{epochs}", leave=False,
-                                       disable=not cfg["progress"])):
-            if t["max_steps_per_epoch"] and i >= t["max_steps_per_epoch"]:
-                break
-            target = batch["target"].to(device)
-            with autocast(cfg, device):
-                logits = forward(model, batch, device)
-            ce = F.cross_entropy(logits.float(), target, weight=weights, ignore_index=SC.IGNORE)
-            parts = {"ce": ce.detach()}
-            loss = ce
-            if kd is not None:
-                kd_total, kd_parts = kd(logits, batch, target, device)
-                loss = kd.ce_weight * ce + kd_total
-                parts.update({f"kd_{k}": v for k, v in kd_parts.items()})
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{tag}: non-finite loss at epoch {epoch}, step {i}")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            n += 1
-            step += 1
-            rd.scalar(f"{tag}/train_loss", loss.item(), step)
-        lr = opt.param_groups[0]["lr"]
-        if not cfg["parity"]:           # the reference builds a StepLR each epoch and never steps it
-            sched.step()
-        row = {"epoch": epoch, "lr": lr, "seconds": time.perf_counter() - t0, **{k: v / max(n, 1) for k, v in sums.items()}}
-        if epoch % cfg["eval"]["every"] == 0 or epoch == epochs:
-            res, kept = evaluate(model, loaders["val"], cfg, device, keep=cfg["eval"]["viz_samples"],
-                                 desc=f"{tag} val")
-            for agg in ("dataset", "per_sample"):
-                log(f"{tag} epoch {epoch}: " + format_result(res[agg], agg))
-                for key in ("precision", "recall", "ssc_iou", "miou", "pixel_acc"):
-                    rd.scalar(f"{tag}/{agg}/{key}", res[agg][key], epoch)
-            head = headline(res, cfg)
-            row.update({f"val_{k}": head[k] for k in ("precision", "recall", "ssc_iou", "miou", "pixel_acc")})
-            if best is None or head[sel] > best["score"]:
-                best = {"epoch": epoch, "score": head[sel], "result": res, "kept": kept}
-                rd.save_checkpoint({"model": model.state_dict(), "epoch": epoch, "model_name": name,
-                                    "result": res}, best_path.name)
-        history.append(row)
-        log(f"{tag} epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
-        if epoch % t["checkpoint_every"] == 0 or epoch == epochs:
-            save_training_state(cp, model=model, optimizer=opt, scheduler=sched, epoch=epoch, history=history,
-                                best={k: v for k, v in best.items() if k != "kept"} if best else None,
-                                model_name=name)
-    if best is None:
-        raise DataError(f"{cp}: finished run without a best model record")
-    if "kept" not in best:   # resumed after the best epoch: evaluate the best weights once for the plots
-        load_weights(model, best_path)
-        _, best["kept"] = evaluate(model, loaders["val"], cfg, device, keep=cfg["eval"]["viz_samples"],
-                                   desc=f"{tag} best")
-    return {"best": best, "history": history, "best_path": best_path, "model": model}

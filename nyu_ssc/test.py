@@ -1,7 +1,7 @@
-"""Evaluate a trained SSC model (the seed's test.py): both the dataset-level and the reference's per-sample scores.
+"""Evaluate a trained SSC model on the test split (the seed's test.py): dataset-level and per-sample scores.
 
     python test.py --model=ddrnet --dataset=nyucad --batch_size=4 --resume=runs/<run>/checkpoint/cpBest_ddrnet.pth
-    python test.py --demo --model=ddrnet --resume=...            # on the demo's synthetic validation scenes
+    python test.py --demo --model=ddrnet --resume=...            # on the demo's synthetic test scenes
 Accepts our checkpoints and the reference's {'state_dict': ...} files ('module.' prefixes are stripped).
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
 from common import config as C  # noqa: E402
-from common.run import RunDir, cli, seed_everything  # noqa: E402
-from nyu_ssc import engine, report  # noqa: E402
+from common.run import RunDir, cli  # noqa: E402
+from nyu_ssc import engine, outputs  # noqa: E402
 from nyu_ssc import main as ssc_main  # noqa: E402
 from nyu_ssc.metrics import format_result  # noqa: E402
 
@@ -33,21 +33,23 @@ def main(argv=None):
     cfg = ssc_main.resolve_config(args)
     dev = C.resolve_device(args.device)
     ssc_main.set_threads(cfg)
-    seed_everything(cfg["seed"], cfg["deterministic"])
     rd = RunDir.create(args.out, f"{cfg['name']}_test", config=cfg, code_from=HERE)
     name = cfg["model"]["name"]
     model = engine.build(cfg, name, dev)
     engine.load_weights(model, ckpt)
-    rd.log(f"evaluating {name} from {ckpt} on {cfg['data']['dataset']} ({dev})")
-    loader = engine.make_loaders(cfg, engine.data_dirs(cfg, rd.path, log=rd.log), splits=("val",))["val"]
-    res, kept = engine.evaluate(model, loader, cfg, dev, keep=cfg["eval"]["viz_samples"])
-    for agg in report.AGGS:
+    rd.log(f"evaluating {name} from {ckpt} on the {cfg['data']['dataset']} test split ({dev})")
+    test_set = engine.datasets(cfg, engine.data_dirs(cfg, rd.path, log=rd.log), splits=("test",))["test"]
+    res, kept = engine.evaluate(model, engine.eval_loader(cfg, test_set), cfg, dev, keep=cfg["eval"]["viz_samples"])
+    for agg in outputs.AGGS:
         rd.log("Validate with TSDF: " + format_result(res[agg], agg))
     if kept:
-        report.slice_plot(rd.file(f"slices_{name}.png"), kept, f"{name}: prediction vs ground truth ({Path(ckpt).name})")
-    rd.write_csv("results.csv", report.class_rows({name: res}), ["model", "aggregation", "class", "iou"])
-    rd.write_summary({"experiment": "nyu_ssc", "checkpoint": str(ckpt), "headline": "per_sample" if cfg["parity"] else "dataset", "results": {name: res}, "config": cfg})
-    rd.log("per-class IoU (%), dataset-level:\n" + report.markdown_table({name: res}, "dataset"))
+        outputs.slice_plot(rd.file(f"slices_{name}.png"), kept, f"{name}: prediction vs ground truth ({Path(ckpt).name})")
+    results = {name: {"test": res}}
+    rows = [r for r in outputs.class_rows({name: {"val": res, "test": res}}) if r["split"] == "test"]
+    rd.write_csv("results.csv", rows, ["model", "split", "aggregation", "class", "iou"])
+    rd.write_summary({"experiment": "nyu_ssc", "checkpoint": str(ckpt), "split": "test",
+                      "headline": "per_sample" if cfg["parity"] else "dataset", "results": results, "config": cfg})
+    rd.log("per-class IoU (%), dataset-level:\n" + outputs.markdown_table(results, "dataset"))
     rd.close()
     return res
 

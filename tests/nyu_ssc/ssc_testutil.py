@@ -5,8 +5,8 @@ SSC = Path(__file__).resolve().parents[2] / "nyu_ssc"
 
 # A grid small enough for CPU tests: 16×8×16 → 4×2×4 voxels, 24×32 images, over the --demo preset.
 TINY = ["grid.hr=[16,8,16]", "grid.lr=[4,2,4]", "grid.image=[24,32]", "grid.voxel_size=0.25",
-        "grid.intrinsics=[25.94,25.94,16.0,12.0]", "convert.tsdf_trunc=0.75", "data.demo.train=2",
-        "data.demo.val=2", "train.batch_size=2", "train.epochs=1", "eval.viz_samples=1", "progress=false",
+        "grid.intrinsics=[25.94,25.94,16.0,12.0]", "convert.tsdf_trunc=0.75", "data.demo.train=3",
+        "data.demo.test=2", "train.batch_size=2", "train.epochs=1", "eval.viz_samples=1", "progress=false",
         "kd.teacher_epochs=1"]
 
 
