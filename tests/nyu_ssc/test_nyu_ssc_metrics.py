@@ -26,7 +26,7 @@ def test_values_and_inputs_unchanged():
     # occupancy truth/pred: s0 t=[0,1,1,1] p=[1,1,0,1]; s1 t=[1,1,0,0,1,1] p=[1,0,0,1,1,1]
     tp, fp, fn = 2 + 3, 1 + 1, 1 + 1
     assert math.isclose(d["precision"], tp / (tp + fp)) and math.isclose(d["recall"], tp / (tp + fn))
-    assert math.isclose(d["ssc_iou"], tp / (tp + fp + fn))
+    assert math.isclose(d["sc_iou"], tp / (tp + fp + fn))
     # class 3: truth at s0[1], s0[2]; pred at s0[0], s0[1], s1[3] → tp 1, fp 2, fn 1
     assert math.isclose(d["iou"]["wall"], 1 / 4)
     # class 5: truth s0[3], s1[4], s1[5]; pred the same → 1; class 2: truth s1[0], s1[1]; pred s1[0] → 1/2
@@ -50,7 +50,7 @@ def test_per_sample_reference_averaging():
     p1 = r1 = 3 / 4
     iou1 = 1 / (1 / p1 + 1 / r1 - 1)
     assert math.isclose(ps["precision"], (p0 + p1) / 2) and math.isclose(ps["recall"], (r0 + r1) / 2)
-    assert math.isclose(ps["ssc_iou"], (iou0 + iou1) / 2)
+    assert math.isclose(ps["sc_iou"], (iou0 + iou1) / 2)
     # wall only in scene 0: tp 1, fp 1 (s0[0]), fn 1 → 1/3; chair: scene 0 → 1, scene 1 → 1
     assert math.isclose(ps["iou"]["wall"], 1 / 3) and math.isclose(ps["iou"]["chair"], 1.0)
     assert math.isclose(ps["iou"]["floor"], 1 / 2)
@@ -66,5 +66,5 @@ def test_batch_mean_of_means():
     a, b = SSCMetrics(), SSCMetrics()
     a.update(pred, target, nonempty)
     b.update(pred[:1], target[:1], nonempty[:1]).update(pred[1:], target[1:], nonempty[1:])
-    np.testing.assert_allclose(a.per_sample()["ssc_iou"], b.per_sample()["ssc_iou"])   # equal batches: same
+    np.testing.assert_allclose(a.per_sample()["sc_iou"], b.per_sample()["sc_iou"])   # equal batches: same
     assert a.dataset() == b.dataset()
