@@ -404,15 +404,6 @@ def _resolve(base: Path, p) -> Path:
     return p if p.is_absolute() else base / p
 
 
-def split_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """(train, val): a seeded random `fraction` of the training split held out for model selection."""
-    if not 0.0 < fraction < 1.0:
-        raise ConfigError(f"data.val_fraction: expected a fraction in (0, 1), got {fraction}")
-    order = np.random.RandomState(seed).permutation(len(train))
-    n_val = max(1, int(round(fraction * len(train))))
-    return train.subset(np.sort(order[n_val:])), train.subset(np.sort(order[:n_val]))
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Device-resident loader and per-batch noise
 
@@ -438,8 +429,12 @@ class BatchLoader:
         return (len(self.labels) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterable[dict]:
+        return self.iterate(self.generator)
+
+    def iterate(self, generator: torch.Generator) -> Iterable[dict]:
+        """The batches, shuffled (when `shuffle`) by `generator`: a trainer passes its own per-fit generator."""
         n = len(self.labels)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
         order = order.to(self.device)
         for b, start in enumerate(range(0, n, self.batch_size)):
             idx = order[start:start + self.batch_size]
@@ -450,7 +445,7 @@ class BatchLoader:
 
 
 class Prepare:
-    """`prepare(batch)` for common.classify.fit: noisy, normalised, flattened student / teacher inputs, on the device.
+    """`prepare(batch)` for mnist.trainer: noisy, normalised, flattened student / teacher inputs, on the device.
 
     Noise as CrossModalData._add_noise (NTDH MNIST/dataloader/dataset.py): v = clip(x/255 + L·U[0,1), 0, 1), quantised to 1/255 steps (the reference's uint8 round trip,
     `quantize`), then normalised to [−1, 1]. MNIST-M gets L = noise_level, MNIST L = mnist_factor·noise_level. The
@@ -483,8 +478,9 @@ class Prepare:
                 x = torch.floor(x * 255.0) / 255.0
         return ((x - 0.5) / 0.5).flatten(1)
 
-    def __call__(self, batch: dict) -> dict:
-        gen = self.generator
+    def __call__(self, batch: dict, generator: torch.Generator | None = None) -> dict:
+        """Inputs of one batch; training noise from `generator` (a trainer's per-fit one) or this object's own."""
+        gen = self.generator if generator is None else generator
         if "noise_seed" in batch:
             gen = torch.Generator(device=self.device).manual_seed(int(batch["noise_seed"]))
         out = {"label": batch["label"], "index": batch["index"]}

@@ -19,7 +19,8 @@ def run_short(out: Path, device: str = "auto"):
 
 def section(results: dict, cfg: dict, run_dir: Path, rel_to: Path) -> str:
     rel = lambda name: (Path(run_dir) / name).relative_to(rel_to).as_posix()
-    cal, ev, bl = results["cal_tag"], results["eval_tag"], results["base_line"]
+    cal, ev = results["cal_tag"], results["eval_tag"]
+    bl = ev.get("baseline") or results["base_line"]
     modes = ev["modes"]
     names = {"0": "mode 0 (random)", "1": "mode 1 (remove least salient)", "2": "mode 2 (remove most salient)"}
     groups = [names.get(m, f"mode {m}") for m in modes] + ["no KD (CE only)"]
@@ -30,8 +31,9 @@ def section(results: dict, cfg: dict, run_dir: Path, rel_to: Path) -> str:
                               ylabel="student accuracy", title="MNIST-M student by teacher channel removal")
     n_runs = cfg["train"]["num_runs"]
     tc, dc = cfg["train"], cfg["distill"]
+    note = f" **{results['data_note']}**" if results.get("data_note") else ""
     lines = ["## NTDH MNIST → MNIST-M with Algorithm-1 channel removal (`mnist`)", "",
-             f"Data: {results['data_source']} (train {results['sizes']['train']}, val {results['sizes']['val']} "
+             f"Data: {results['data_source']}{note} (train {results['sizes']['train']}, val {results['sizes']['val']} "
              f"carved from train, test {results['sizes']['test']}). Short default `mnist/configs/short.yaml`: MLP "
              f"in-{cfg['model']['hidden'][0]}-{cfg['model']['hidden'][1]}-10, joint training {cfg['cal']['epochs']} "
              f"epochs, students {tc['epochs']} epochs (SGD lr {tc['lr']}, momentum {tc['momentum']}, batch "

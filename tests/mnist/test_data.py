@@ -172,8 +172,6 @@ def test_standin_shapes_and_labels(tmp_path):
     from sklearn.datasets import load_digits
     assert np.bincount(np.concatenate([pair.train.labels, pair.test.labels])).tolist() == \
         np.bincount(load_digits().target).tolist()
-    tr, va = D.split_validation(pair.train, 0.1, 0)
-    assert len(tr) + len(va) == len(pair.train) and len(va) == round(0.1 * len(pair.train))
 
 
 def test_loader_and_noise():

@@ -99,15 +99,17 @@ def test_every_subcommand_end_to_end(dataset, tmp_path):
 
     # the reference cannot select plain kl; ω masking; a registry loss with parameters and dataset indices (crd)
     _, res, _ = _run(dataset, out, "--eval_tag", "--mode", "1", "--distill", "kl", "--mask", "omega",
+                     "--set", "eval.baseline=false",
                      "--teacher", str(cal_dir / "checkpoint" / "teacher_overlap.pth"))
     assert "train_kl" in res["eval_tag"]["modes"]["1"]["history"][0][0]
-    _, res, _ = _run(dataset, out, "--eval_tag", "--mode", "2", "--distill", "crd", "--set",
-                     "distill.methods.crd.crd.nce_k=64")
+    _, res, _ = _run(dataset, out, "--eval_tag", "--mode", "2", "--distill", "crd", "--set", "eval.baseline=false",
+                     "--set", "distill.methods.crd.crd.nce_k=64")
     assert "train_crd" in res["eval_tag"]["modes"]["2"]["history"][0][0]
 
     # Algorithm 1 again from the saved joint nets (no --first-time), with a random intervention
-    _, res, _ = _run(dataset, out, "--cal_tag", "--op", "permute", "--num-permute", "2")
+    again, res, _ = _run(dataset, out, "--cal_tag", "--op", "permute", "--num-permute", "2")
     assert res["cal_tag"]["history"] == [] and len(res["cal_tag"]["saliency"]) == 24
+    assert res["cal_tag"]["teacher"] == str(again / "checkpoint" / "teacher_overlap.pth")  # beside its saliency
 
     bl_dir, res, _ = _run(dataset, out, "--base_line")
     assert set(res["base_line"]["history"][0][0]) >= {"train_ce"} and "train_kl" not in res["base_line"]["history"][0][0]
@@ -117,7 +119,7 @@ def test_every_subcommand_end_to_end(dataset, tmp_path):
 
 
 def test_heat_map_gradients_any_batch_size():
-    from mnist.experiment import input_gradients
+    from mnist.heatmap import input_gradients
     torch.manual_seed(0)
     m = MLP(784, [16, 8])
     x, y = torch.randn(5, 784), torch.randint(0, 10, (5,))
@@ -179,7 +181,7 @@ def test_parity_switch(dataset, tmp_path):
 @pytest.mark.parametrize("mask", ["none", "omega"])
 def test_every_registry_loss_and_method_builds_and_backpropagates(mask):
     from common.kd import available_losses, build_objective
-    from mnist.experiment import loss_config
+    from mnist.losses import loss_config
     cfg = M.resolve_config(M.parse_args(["--set", "progress=false"]))[0]
     names = sorted(set(available_losses()) | set(cfg["distill"]["methods"]))
     torch.manual_seed(0)
