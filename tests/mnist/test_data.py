@@ -1,6 +1,7 @@
 """mnist data layer: IDX parsing, the pickle layout, the MNIST-M composition rule, backgrounds, stand-in, noise."""
 import io
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -216,3 +217,58 @@ def test_explicit_root_without_data_is_an_error(tmp_path, make):
     messages = []
     assert D.load_pair({**cfg, "source": "standin"}, tmp_path, log=messages.append).is_standin  # asked for: fine
     assert any("smoke test only" in m for m in messages)
+
+
+def _fake_download(calls, digits, labels):
+    """torchvision's download_url stand-in: writes what the real URLs serve (gzip IDX files, the BSDS500 tarball)."""
+    def download_url(url, root, filename=None, md5=None, max_redirect_hops=3):
+        calls.append(url)
+        name = filename or url.rsplit("/", 1)[1]
+        path = Path(root) / name
+        if name.endswith("idx3-ubyte.gz"):
+            D.write_idx(path, digits[:60] if name.startswith("train") else digits[60:80])
+        elif name.endswith("idx1-ubyte.gz"):
+            D.write_idx(path, labels[:60] if name.startswith("train") else labels[60:80])
+        else:
+            with tarfile.open(path, "w:gz") as tar:
+                for i, shape in enumerate([(40, 50, 3), (45, 33, 3)]):
+                    raw = _png(np.full(shape, 60 * (i + 1), np.uint8))
+                    info = tarfile.TarInfo(f"{D.BSDS_TRAIN_PREFIX}{i}.jpg")
+                    info.size = len(raw)
+                    tar.addfile(info, io.BytesIO(raw))
+    return download_url
+
+
+def test_download_source_with_a_fake_network(tmp_path, monkeypatch):
+    """data.source download: torchvision's MNIST download (its real extraction and reading of the IDX files) and the
+    BSDS500 tarball, with download_url replaced by a function writing the real formats (no network in tests)."""
+    import torchvision.datasets.utils as tv_utils
+    digits, labels = _digits(80, 3)
+    calls = []
+    monkeypatch.setattr(tv_utils, "download_url", _fake_download(calls, digits, labels))
+    url = "http://example.org/BSR/BSR_bsds500.tgz"
+    cfg = {"source": "download", "root": "data", "backgrounds": "", "mnistm_seed": 42, "standin_test_fraction": 0.2,
+           "bsds_url": url}
+    pair = D.load_pair(cfg, tmp_path)
+    assert (tmp_path / "data" / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()
+    assert (tmp_path / "data" / "BSR_bsds500.tgz").is_file() and calls[-1] == url and len(calls) == 5
+    np.testing.assert_array_equal(pair.train.mnist, digits[:60])
+    np.testing.assert_array_equal(pair.test.labels, labels[60:80])
+    assert set(np.unique(pair.train.mnist_m[..., 0][digits[:60] == 0])) <= {60, 120}  # background pixels
+    assert "composed in memory" in pair.source and not pair.is_standin
+    D.load_pair(cfg, tmp_path)
+    assert len(calls) == 5  # what is there is kept, not fetched again
+    D.load_pair({**cfg, "source": "auto", "backgrounds": "data/BSR_bsds500.tgz"}, tmp_path)  # and readable offline
+
+
+def test_download_failure_is_one_line(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tv_utils
+
+    def offline(url, *args, **kwargs):
+        raise OSError("Network is unreachable")
+    monkeypatch.setattr(tv_utils, "download_url", offline)
+    cfg = {"source": "download", "root": "data", "backgrounds": "", "mnistm_seed": 42, "standin_test_fraction": 0.2,
+           "bsds_url": "http://example.org/BSR_bsds500.tgz"}
+    with pytest.raises(DataError, match="data.source download failed") as e:
+        D.load_pair(cfg, tmp_path)
+    assert "\n" not in str(e.value)

@@ -114,3 +114,12 @@ def test_omega_statistics_reach_the_summary(dataset, tmp_path):
     (omega,) = summary["eval_tag"]["modes"]["1"]["omega"]
     assert 0 <= omega["omega_mean"] <= 1 and 0 <= omega["omega_masked_share"] <= 1
     assert len(omega["omega_per_epoch"]) == 1
+
+
+def test_standin_runs_say_smoke_test_only(tmp_path):
+    args = M.parse_args(["--out", str(tmp_path), "--device", "cpu", "--base_line", "--set", "data.source=standin",
+                         *TINY, "--set", "train.epochs=1", "--set", "model.hidden=[8,8]"])
+    cfg, actions = M.resolve_config(args)
+    rd, results = M.run(cfg, actions, args.out, "cpu")
+    assert json.loads((rd.path / "summary.json").read_text())["data_note"] == "stand-in: smoke test only"
+    assert "smoke test only" in (rd.path / "log" / "console.log").read_text()
