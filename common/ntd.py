@@ -101,6 +101,15 @@ counted. "pooled" ranks score and Delta within each experiment (rank / (n + 1)) 
 experiments with n ≥ 3, so experiments with different scales mix fairly; "pooled_raw" correlates the raw values.
 `plot_check` draws score vs Delta per experiment (plus the pooled ranks) and `check_markdown` the table for the
 reproduce report.
+
+Python API
+----------
+    save_logits(run_dir, role, logits, labels, tag=None, *, split, source, max_rows)   -> Path      (experiments)
+    load_logits(path_or_run_dir, role, tag=None) -> Logits(logits, labels, meta);  dense_rows(...) -> (rows, labels)
+    advise(teacher_logits, probe_logits, labels=None, threshold=0.996, names=None, *, rule, temperature,
+           omega_space) -> dict;  advise_files(teacher, probe=None, labels=None, *, tag, **advise_kw) -> dict
+    rank({name: (teacher_logits, probe_logits, labels)}) -> [entry, ...] best first
+    advisor_check([(experiment, label, score, delta), ...], plot=None) -> dict;  plot_check;  check_markdown
 """
 from __future__ import annotations
 
@@ -876,17 +885,27 @@ def _rule(args) -> VerdictRule:
                        args.variant)
 
 
+def advise_files(teacher: str | Path, probe: str | Path | None = None, labels: str | Path | None = None, *,
+                 tag: str | None = None, **kw) -> dict:
+    """`advise` on files or run directories, resolved as the CLI does: `teacher` / `probe` are .npy/.npz/.pt files
+    or run directories (`probe` defaults to `teacher`'s run directory; a tagged teacher falls back to the untagged
+    probe); labels from `labels`, else from the files (which must agree). The result carries an "inputs" entry."""
+    t = _scores(str(teacher), "teacher", tag)
+    p = _scores(str(probe if probe is not None else teacher), "probe", tag)
+    y, y_src = _labels(t, p, None if labels is None else str(labels))
+    srcs = {"teacher": f"{t[1]}", "probe": f"{p[1]}", "labels": f"{y_src}"}
+    r = advise(t[0].logits, p[0].logits, y, sources=srcs, **kw)
+    r["inputs"] = {"teacher": str(t[1]), "probe": str(p[1]), "labels": y_src, "teacher_meta": t[0].meta,
+                   "probe_meta": p[0].meta}
+    return r
+
+
 def _cmd_advise(args) -> dict:
     t_arg, p_arg = args.teacher or args.run, args.probe or args.run
     if t_arg is None or p_arg is None:
         raise ConfigError("advise: give a run directory, or both --teacher and --probe")
-    teacher, probe = _scores(t_arg, "teacher", args.tag), _scores(p_arg, "probe", args.tag)
-    y, y_src = _labels(teacher, probe, args.labels)
-    srcs = {"teacher": f"{teacher[1]}", "probe": f"{probe[1]}", "labels": f"{y_src}"}
-    r = advise(teacher[0].logits, probe[0].logits, y, args.threshold, _names(args.names), rule=_rule(args),
-               temperature=args.temperature, omega_space=args.omega_space, sources=srcs)
-    r["inputs"] = {"teacher": str(teacher[1]), "probe": str(probe[1]), "labels": y_src,
-                   "teacher_meta": teacher[0].meta, "probe_meta": probe[0].meta}
+    r = advise_files(t_arg, p_arg, args.labels, tag=args.tag, threshold=args.threshold, names=_names(args.names),
+                     rule=_rule(args), temperature=args.temperature, omega_space=args.omega_space)
     print(format_advice(r))
     out = args.out or (logits_path(args.run, "teacher", args.tag).with_name(
         f"advice_{args.tag}.json" if args.tag else "advice.json") if args.run else None)

@@ -339,6 +339,9 @@ def test_cli_on_run_directories_advise_and_rank(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "verdict: HELP" in res.stdout and "written: " in res.stdout
     assert json.loads((run / "ntd" / "advice_mode1.json").read_text())["targets"] == "labels"
+    api = ntd.advise_files(run, tag="mode1")  # the same resolution from Python
+    assert api["inputs"]["probe"].endswith("ntd/probe.npz") and api["divergence"] == pytest.approx(
+        ntd.advise(teacher, probe, labels)["divergence"], rel=1e-5)
     ranking = ntd.main(["rank", str(run), "--out", str(tmp_path / "ranking.json")])  # in process: no 2nd start-up
     names = [e["name"] for e in json.loads((tmp_path / "ranking.json").read_text())["ranking"]]
     assert names == [e["name"] for e in ranking] == [f"{run.name}:mode1", f"{run.name}:mode2"]
