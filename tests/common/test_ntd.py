@@ -120,7 +120,7 @@ def test_omega_statistics_on_a_constructed_case():
 
 
 def _pair(rng, n=2000, classes=10, noise=0.2):
-    """A teacher and a probe whose logits differ by Gaussian noise of scale `noise`; labels mostly the teacher's argmax."""
+    """Teacher and probe logits that differ by Gaussian noise of scale `noise`; labels mostly the teacher's argmax."""
     teacher = rng.normal(size=(n, classes)) * 2
     labels = teacher.argmax(1)
     labels[: n // 10] = rng.integers(0, classes, n // 10)
