@@ -498,8 +498,11 @@ def advise(teacher_logits, probe_logits, labels=None, threshold: float = 0.996, 
         raise ConfigError(f"omega threshold: expected a cosine in [-1, 1], got {threshold}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ConfigError(f"temperature: expected a number > 0, got {temperature}")
+    if omega_space not in ("logits", "probs"):
+        raise ConfigError(f"omega space: expected logits or probs, got {omega_space!r}")
     t, p, y = _check_pair(teacher_logits, probe_logits, labels, sources)
     n, classes = t.shape
+    names = None if names is None else [str(x) for x in names]
     if names is not None and len(names) != classes:
         raise DataError(f"class names (--names): expected {classes} names (one per logit column), got {len(names)}")
     targets = y if y is not None else t.argmax(1)
@@ -507,7 +510,7 @@ def advise(teacher_logits, probe_logits, labels=None, threshold: float = 0.996, 
     quantity = "ncjsd" if classes >= 3 else "target_mass_js"
     value = float(per[f"{quantity}_{rule.variant}"].mean())
     result = {"generator": GENERATOR, "format": FORMAT_VERSION, "samples": n, "classes": classes,
-              "class_names": list(names) if names is not None else None,
+              "class_names": names,
               "targets": "labels" if y is not None else "teacher_argmax", "temperature": temperature,
               "quantity": quantity, "variant": rule.variant, "divergence": value,
               "divergence_normalised": value / LN2, "score": -value,
