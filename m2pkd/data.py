@@ -1,7 +1,7 @@
 """RECOLA / AVEC-2016 data: gold-standard readers (ARFF and the ';' CSV), the derived-file layout, the per-recording
 CSVs, in-memory recordings for training, and a generator of a small tree in the real layout (demo and tests).
 
-Raw layout (spec §7.3)::
+Raw layout (the AVEC 2016 package, as the End2You RECOLA notebook lists it)::
 
     <root>/recordings_video/<rec>.mp4
     <root>/recordings_audio/<rec>.wav
@@ -18,7 +18,7 @@ Derived layout (under `data.work`)::
 """
 from __future__ import annotations
 
-import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +38,10 @@ def root_dir(cfg) -> Path:
     if not cfg["data"]["root"]:
         raise ConfigError("data.root: expected the RECOLA directory (recordings_video/, recordings_audio/, "
                           "ratings_gold_standard/), got nothing; pass --data DIR or --demo")
-    return Path(cfg["data"]["root"])
+    root = Path(cfg["data"]["root"])
+    if not root.is_dir():
+        raise DataError(f"{root}: data.root does not exist or is not a directory")
+    return root
 
 
 def work_dir(cfg) -> Path:
@@ -62,51 +65,64 @@ def annotation_path(cfg, rec) -> Path:
 
 
 def spec_ext(cfg) -> str:
-    fmt = cfg["audio"]["format"]
-    if fmt not in ("npy", "jpg"):
-        raise ConfigError(f"audio.format: expected npy or jpg, got {fmt!r}")
-    return fmt
+    return cfg["audio"]["format"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # gold standards
 
+def _arff_attributes(lines: list[str], path: Path) -> tuple[list[str], int]:
+    """ARFF header → (attribute names, index of the line after @data)."""
+    attrs = []
+    for no, line in enumerate(lines):
+        low = line.strip().lower()
+        if low.startswith("@attribute"):
+            parts = line.split(None, 2)
+            if len(parts) < 3:
+                raise DataError(f"{path}:{no + 1}: expected '@attribute NAME TYPE', got {line.strip()!r}")
+            attrs.append(parts[1].strip("'\""))
+        elif low.startswith("@data"):
+            return attrs, no + 1
+    raise DataError(f"{path}: expected an ARFF file with an @data section, found none")
+
+
 def read_arff(path) -> tuple[np.ndarray, np.ndarray]:
-    """AVEC gold-standard ARFF → (frameTime seconds, GoldStandard), float64."""
+    """AVEC gold-standard ARFF → (frameTime seconds, GoldStandard), float64; a missing value ('?') is NaN.
+
+    scipy.io.arff.loadarff refuses ARFF string attributes ("String attributes not supported yet") and the AVEC
+    gold standard's Instance_name is one, so the header's attribute names are read here and the @data rows (quoted,
+    comma-separated, '?' for missing) by pandas.read_csv."""
+    import pandas as pd
     path = Path(path)
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read gold standard ({e})") from None
-    attrs, rows, in_data = [], [], False
-    for no, line in enumerate(lines, 1):
-        s = line.strip()
-        if not s or s.startswith("%"):
-            continue
-        low = s.lower()
-        if low.startswith("@attribute"):
-            attrs.append(s.split()[1].strip("'\""))
-        elif low.startswith("@data"):
-            in_data = True
-        elif s.startswith("@"):
-            continue
-        elif in_data:
-            parts = [p.strip() for p in s.split(",")]
-            if len(parts) != len(attrs):
-                raise DataError(f"{path}:{no}: expected {len(attrs)} comma-separated values, got {len(parts)}")
-            rows.append(parts)
+    attrs, start = _arff_attributes(lines, path)
     for need in ("frameTime", "GoldStandard"):
         if need not in attrs:
             raise DataError(f"{path}: expected an ARFF with attribute {need!r}; attributes: {attrs}")
-    if not rows:
-        raise DataError(f"{path}: expected @data rows, found none")
-    it, ig = attrs.index("frameTime"), attrs.index("GoldStandard")
+    body = "\n".join(lines[start:])
     try:
-        t = np.array([float(r[it]) for r in rows])
-        g = np.array([float(r[ig]) for r in rows])
-    except ValueError as e:
-        raise DataError(f"{path}: expected numeric frameTime and GoldStandard ({e})") from None
-    return t, g
+        df = pd.read_csv(io.StringIO(body), header=None, quotechar="'", skipinitialspace=True, comment="%",
+                         na_values=["?"], keep_default_na=True, skip_blank_lines=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        reason = " ".join(str(e).split()) or "no rows"
+        raise DataError(f"{path}: expected {len(attrs)} comma-separated values per @data row ({reason})") from None
+    if df.shape[1] != len(attrs):
+        raise DataError(f"{path}: expected {len(attrs)} comma-separated values per @data row, got {df.shape[1]}")
+    df.columns = attrs
+    cols = {}
+    for name in ("frameTime", "GoldStandard"):
+        col = pd.to_numeric(df[name], errors="coerce")
+        bad = col.isna() & df[name].notna()
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(f"{path}: expected a number in {name} of @data row {row + 1}, got {df[name].iloc[row]!r}")
+        cols[name] = col.to_numpy(np.float64)
+    if np.isnan(cols["frameTime"]).any():
+        raise DataError(f"{path}: frameTime missing in @data row {int(np.flatnonzero(np.isnan(cols['frameTime']))[0]) + 1}")
+    return cols["frameTime"], cols["GoldStandard"]
 
 
 def write_arff(path, rec: str, times, values) -> Path:
@@ -119,27 +135,40 @@ def write_arff(path, rec: str, times, values) -> Path:
     return path
 
 
-def read_gold_csv(path) -> np.ndarray:
-    """The MMPKD ';'-separated gold standard without header → (rows, 2): column 0 arousal, 1 valence."""
+def _read_csv(path, what: str, **kw):
+    """pandas.read_csv with the one-line DataError for a file that is missing, not UTF-8 or not CSV."""
+    import pandas as pd
     path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found")
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read gold standard ({e})") from None
-    out = []
-    for no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.split(";")
-        if len(parts) < 2:
-            raise DataError(f"{path}:{no}: expected 'arousal;valence', got {line!r}")
-        try:
-            out.append([float(parts[0]), float(parts[1])])
-        except ValueError:
-            raise DataError(f"{path}:{no}: expected two numbers separated by ';', got {line!r}") from None
-    if not out:
-        raise DataError(f"{path}: expected 'arousal;valence' rows, found none")
-    return np.asarray(out)
+        return pd.read_csv(path, encoding="utf-8", **kw)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: expected UTF-8 text ({e.reason} at byte {e.start})") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: expected {what} rows, found none") from None
+    except (pd.errors.ParserError, ValueError, OSError) as e:
+        raise DataError(f"{path}: not a readable {what} ({' '.join(str(e).split())[:160]})") from None
+
+
+def _numeric(df, column, path, what: str) -> np.ndarray:
+    """Column as float64 (empty cells and 'nan' are NaN); a non-numeric cell is a DataError naming its row."""
+    import pandas as pd
+    col = pd.to_numeric(df[column], errors="coerce")
+    bad = col.isna() & df[column].notna() & (df[column].astype(str).str.strip().str.lower() != "nan")
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(f"{path}: expected numeric {what} in row {row + 1}, got {df[column].iloc[row]!r}")
+    return col.to_numpy(np.float64)
+
+
+def read_gold_csv(path) -> np.ndarray:
+    """The MMPKD ';'-separated gold standard without header → (rows, 2): column 0 arousal, 1 valence (NaN kept)."""
+    df = _read_csv(path, "gold standard", sep=";", header=None, skip_blank_lines=True, dtype=str)
+    if df.shape[1] < 2:
+        raise DataError(f"{path}: expected 'arousal;valence' rows (';'-separated, no header), got {df.shape[1]} "
+                        f"column(s)")
+    return np.stack([_numeric(df, c, path, "arousal;valence") for c in (0, 1)], 1)
 
 
 def read_gold(cfg, rec) -> dict[str, np.ndarray]:
@@ -149,8 +178,6 @@ def read_gold(cfg, rec) -> dict[str, np.ndarray]:
     if fmt == "csv":
         a = read_gold_csv(base / f"{rec}.csv")
         return {"arousal": a[:, 0], "valence": a[:, 1]}
-    if fmt != "arff":
-        raise ConfigError(f"data.gold_format: expected arff or csv, got {fmt!r}")
     out = {}
     for dim in DIMS:
         path = base / dim / f"{rec}.arff"
@@ -166,25 +193,37 @@ def read_gold(cfg, rec) -> dict[str, np.ndarray]:
     return out
 
 
+def gold_path(cfg, rec) -> Path:
+    base = root_dir(cfg) / "ratings_gold_standard"
+    return base / f"{rec}.csv" if cfg["data"]["gold_format"] == "csv" else base / "{arousal,valence}" / f"{rec}.arff"
+
+
+def finite_gold_rows(cfg, rec, gold: dict[str, np.ndarray]) -> np.ndarray:
+    """Boolean mask of the gold-standard rows where both dimensions are finite. data.gold_nan: refuse raises a
+    DataError naming the file and the first bad row; drop returns the mask (the caller logs the count)."""
+    ok = np.isfinite(gold["arousal"]) & np.isfinite(gold["valence"])
+    if not ok.all() and cfg["data"]["gold_nan"] == "refuse":
+        raise DataError(f"{gold_path(cfg, rec)}: gold standard row {int(np.flatnonzero(~ok)[0]) + 1} is not a "
+                        f"number ({int((~ok).sum())} such rows; data.gold_nan: drop leaves those frames out)")
+    return ok
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # per-recording annotation CSVs (step 3)
 
 def segment_of_frame(j: np.ndarray, cfg, n_segments: int) -> np.ndarray:
-    """1-based segment number of frame j (spec §9.2 floor mapping), clamped to the segments that exist."""
-    if cfg["csv"]["mapping"] != "floor":
-        raise ConfigError(f"csv.mapping: expected floor, got {cfg['csv']['mapping']!r}")
+    """1-based segment number of frame j (csv.mapping floor: the 1-s segment holding the frame's time), clamped to
+    the segments that exist. The reference's CSVs need this mapping but MMPKD does not say how it was made."""
     per = cfg["audio"]["segment_seconds"] * 1000.0 / cfg["data"]["frame_ms"]
     return np.minimum(np.floor(np.asarray(j) / per).astype(int) + 1, n_segments)
 
 
 def write_annotation_csv(path, rows: list[dict]) -> Path:
+    import pandas as pd
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
+    pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(tmp, index=False, lineterminator="\n")
     tmp.replace(path)
     return path
 
@@ -193,19 +232,17 @@ def read_annotation_csv(path, dim: str) -> tuple[list[str], list[str], np.ndarra
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: annotation CSV not found (run the csv step first)")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ("image_name", "spec_name", dim) if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{path}: expected columns image_name, spec_name, {dim}; missing {missing}")
-        rows = list(reader)
-    if not rows:
+    df = _read_csv(path, "annotation CSV", dtype=str, keep_default_na=False)
+    missing = [c for c in ("image_name", "spec_name", dim) if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: expected columns image_name, spec_name, {dim}; missing {missing}")
+    if df.empty:
         raise DataError(f"{path}: no rows")
-    try:
-        y = np.array([float(r[dim]) for r in rows], dtype=np.float32)
-    except ValueError as e:
-        raise DataError(f"{path}: expected numeric {dim} values ({e})") from None
-    return [r["image_name"] for r in rows], [r["spec_name"] for r in rows], y
+    y = _numeric(df, dim, path, dim)
+    if not np.isfinite(y).all():
+        row = int(np.flatnonzero(~np.isfinite(y))[0])
+        raise DataError(f"{path}: expected a finite {dim} value in row {row + 1}, got {df[dim].iloc[row]!r}")
+    return df["image_name"].tolist(), df["spec_name"].tolist(), y.astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -243,6 +280,9 @@ def load_spec(path, cfg) -> np.ndarray:
         db = np.load(path)
     except Exception as e:
         raise DataError(f"{path}: not a readable .npy spectrogram ({e})") from None
+    if db.ndim == 2 and not np.isfinite(db).all():
+        bad = np.argwhere(~np.isfinite(db))[0].tolist()
+        raise DataError(f"{path}: non-finite value at index {bad}")
     if db.ndim != 2 or db.shape[0] != cfg["audio"]["n_mels"]:
         raise DataError(f"{path}: expected a ({cfg['audio']['n_mels']}, frames) dB matrix, got {db.shape}")
     top = cfg["audio"]["top_db"]
@@ -253,8 +293,6 @@ def load_spec(path, cfg) -> np.ndarray:
     if cfg["model"]["spec_input"] == "resize":
         import cv2
         x = cv2.resize(x, (size, size), interpolation=cv2.INTER_AREA)
-    elif cfg["model"]["spec_input"] != "native":
-        raise ConfigError(f"model.spec_input: expected native or resize, got {cfg['model']['spec_input']!r}")
     return x[None]
 
 
@@ -327,9 +365,10 @@ def _base_faces():
 
 
 def make_demo(root, cfg, seed: int | None = None) -> Path:
-    """Write a small RECOLA-layout tree: videos (mp4v) whose faces follow the traces weakly and noisily (brightness,
-    scale), wavs whose loudness and pitch follow arousal and whose high band follows valence, and gold standards
-    in both formats. Recording k of every split uses its own traces; the same seed gives the same tree."""
+    """Write a small RECOLA-layout tree: videos (mp4v) whose faces follow the traces weakly and noisily (brightness
+    follows arousal, size valence), wavs whose pitch and loudness follow arousal and whose high band follows valence
+    (strongly, as RECOLA's audio carries arousal best), and gold standards in both formats. Recording k of every
+    split uses its own traces; the same seed gives the same tree."""
     import cv2
     import soundfile as sf
     root = Path(root)
@@ -360,10 +399,11 @@ def make_demo(root, cfg, seed: int | None = None) -> Path:
         for k in range(n_frames):
             g = min(int(round(k / fps / step)), n_grid)
             a, v = tr["arousal"][g], tr["valence"][g]
-            scale = 0.72 + 0.1 * v * d["face_signal"] / 0.08 + rng.normal(0, 0.03)
+            # the face's brightness follows arousal and its size valence, under per-frame noise (weak but learnable)
+            scale = 0.72 + 0.5 * d["face_signal"] * v + rng.normal(0, 0.25 * d["face_noise"])
             side = int(np.clip(size * scale, size * 0.5, size * 0.95))
             img = cv2.resize(face, (side, side), interpolation=cv2.INTER_AREA).astype(np.float32)
-            gain = 1.0 + d["face_signal"] * (a + v) + rng.normal(0, d["face_noise"])
+            gain = 1.0 + d["face_signal"] * a + rng.normal(0, d["face_noise"])
             img = np.clip(img * gain, 0, 255)
             frame = np.empty((size, size, 3), np.float32)
             frame[:] = bg

@@ -1,8 +1,9 @@
 """Step 4-5: train one model for one dimension, or run the whole demo.
 
-    python mmpkd.py teacher  --data ROOT --dim arousal [--audio-weights R18.pth] [--visual-weights FER.t7]
-    python mmpkd.py baseline --data ROOT --dim arousal [--visual-weights FER.t7]
-    python mmpkd.py student  --data ROOT --dim arousal --teacher runs/teacher_arousal_<ts>
+    python mmpkd.py teacher  --data ROOT --dim arousal --visual-weights FER.t7 [--audio-weights R18.pth]
+    python mmpkd.py baseline --data ROOT --dim arousal --visual-weights FER.t7
+    python mmpkd.py student  --data ROOT --dim arousal --visual-weights FER.t7 --teacher runs/teacher_arousal_<ts>
+    python mmpkd.py student  ... --resume [RUN_DIR]   # continue a run from its last checkpoint (default: newest)
     python mmpkd.py --demo [--dims arousal,valence]   # synthetic RECOLA tree in a temp dir, steps 1-6, CCC table
 """
 from __future__ import annotations
@@ -43,8 +44,10 @@ def main(argv=None):
         bad = [d for d in dims or [] if d not in ("arousal", "valence")]
         if bad:
             raise ConfigError(f"--dims: expected arousal and/or valence, got {bad}")
+        if args.resume:
+            raise ConfigError("--resume: continues one training run (teacher, baseline or student), not the demo")
         return PL.demo(cfg, args.out, device, dims=dims, data_dir=args.demo_data)
-    return PL.train(cfg, args.role, args.out, device)
+    return PL.train(cfg, args.role, args.out, device, resume=args.resume)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Networks of spec §3: VGG19-BN visual CNN + fc → GRU → linear head (student / baseline); the teacher adds a
-ResNet18 on the spectrogram, concatenated per frame after the GRU. Heads have no activations, as the reference.
+"""The networks of MMPKD models_kd.py: VGG19-BN visual CNN + fc → GRU → linear head (`CNN_LSTM_s`: student and
+baseline); the teacher (`CNN_LSTM_Teacher`) adds a ResNet18 on the spectrogram image, concatenated per frame after
+the GRU. Heads have no activations, as the reference's.
 
 Both models return {"out": (B, T), "embed": (B, T, embed_dim), "h": final GRU state}.
 """
@@ -9,6 +10,8 @@ import torch
 import torchvision
 from torch import nn
 from torchvision.models.vgg import cfgs as VGG_CFGS, make_layers
+
+from pathlib import Path
 
 from common.config import ConfigError, DataError
 from common.run import load_checkpoint
@@ -43,8 +46,6 @@ class AudioCNN(nn.Module):
 
     def __init__(self, m: dict):
         super().__init__()
-        if m["audio_channels"] != "repeat":
-            raise ConfigError(f"model.audio_channels: expected repeat, got {m['audio_channels']!r}")
         self.net = torchvision.models.resnet18(weights=None)
         self.net.fc = nn.Identity()
         self.out_dim = 512
@@ -143,6 +144,22 @@ def param_groups(model: nn.Module, t: dict) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------------
 # local pretrained weights
 
+IMAGENET = {"resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
+            "vgg19_bn": (torchvision.models.vgg19_bn, torchvision.models.VGG19_BN_Weights.IMAGENET1K_V1)}
+
+
+def imagenet_state_dict(arch: str) -> dict:
+    """torchvision's ImageNet weights through its weights= API (downloaded once into the torch hub cache)."""
+    build, weights = IMAGENET[arch]
+    try:
+        return build(weights=weights).state_dict()
+    except Exception as e:  # no network, a damaged cache file: urllib / torch raise many types
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise DataError(f"{cache}: torchvision's {arch} ImageNet weights could neither be loaded nor downloaded "
+                        f"({type(e).__name__}); put {weights.url} there, give a local checkpoint, or pass "
+                        f"--allow-random-init") from None
+
+
 def _state_dict(obj, path, key=None):
     if key and isinstance(obj, dict) and key in obj:
         obj = obj[key]
@@ -153,30 +170,40 @@ def _state_dict(obj, path, key=None):
     return {k.removeprefix("module."): v for k, v in obj.items() if torch.is_tensor(v)}
 
 
-def load_visual_weights(cnn: VisualCNN, path) -> tuple[int, int]:
-    """FER2013 VGG19 checkpoint (a torch-saved dict, key 'net'; its `features.*` layout is vgg19_bn's): copy the
-    conv / BN weights; the classifier is dropped and fc stays random (as the reference). Returns (loaded, total)."""
-    try:
-        obj = load_checkpoint(path)
-    except DataError as e:
-        raise DataError(f"{e} (a Lua-torch .t7 cannot be read by torch.load; convert it to a torch-saved dict)") \
-            from None
-    sd = {k: v for k, v in _state_dict(obj, path, "net").items() if k.startswith("features.")}
+def load_visual_weights(cnn: VisualCNN, source) -> tuple[int, int]:
+    """Copy VGG19-BN conv / BN weights into `cnn.features`; the classifier is dropped and fc stays random (as the
+    reference, models_kd.py CNN_Backbone with strict=False). `source` is "imagenet" (torchvision's vgg19_bn) or
+    the FER2013 VGG19 of WuJie1010/Facial-Expression-Recognition.Pytorch: a torch.save dict whose key 'net' holds
+    the state dict (its `features.*` layout is vgg19_bn's; the reference's file is named PrivateTest_model.t7
+    but is a torch.save file). Returns (loaded, total)."""
+    if source == "imagenet":
+        sd = imagenet_state_dict("vgg19_bn")
+    else:
+        try:
+            obj = load_checkpoint(source)
+        except DataError as e:
+            raise DataError(f"{e} (expected a torch.save checkpoint: a dict with key 'net', as "
+                            f"Facial-Expression-Recognition.Pytorch's PrivateTest_model.t7)") from None
+        sd = _state_dict(obj, source, "net")
+    sd = {k: v for k, v in sd.items() if k.startswith("features.")}
     own = cnn.state_dict()
     match = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
     if not match:
-        raise DataError(f"{path}: no 'features.*' tensor matches the VGG19-BN features (model.vgg_width_div must be 1)")
+        raise DataError(f"{source}: no 'features.*' tensor matches the VGG19-BN features (model.vgg_width_div must "
+                        f"be 1)")
     cnn.load_state_dict(match, strict=False)
     return len(match), sum(1 for k in own if k.startswith("features."))
 
 
-def load_audio_weights(audio: AudioCNN, path) -> tuple[int, int]:
-    """torchvision ResNet18 state dict (fc.* dropped)."""
-    sd = {k: v for k, v in _state_dict(load_checkpoint(path), path, "state_dict").items() if not k.startswith("fc.")}
+def load_audio_weights(audio: AudioCNN, source) -> tuple[int, int]:
+    """ResNet18 weights (fc.* dropped): "imagenet" (torchvision's, as the reference's CNN_Spec_Backbone) or a
+    local torchvision ResNet18 state dict."""
+    raw = imagenet_state_dict("resnet18") if source == "imagenet" else load_checkpoint(source)
+    sd = {k: v for k, v in _state_dict(raw, source, "state_dict").items() if not k.startswith("fc.")}
     own = audio.net.state_dict()
     bad = [k for k, v in sd.items() if k not in own or own[k].shape != v.shape]
     if bad or not sd:
-        raise DataError(f"{path}: expected a torchvision ResNet18 state dict; unexpected or mismatched keys "
+        raise DataError(f"{source}: expected a torchvision ResNet18 state dict; unexpected or mismatched keys "
                         f"{bad[:5] or '(none found)'}")
     audio.net.load_state_dict(sd, strict=False)
     return len(sd), len([k for k in own if not k.startswith("fc.")])

@@ -11,18 +11,20 @@ import torch
 
 from common import config as C
 from common import plots
-from common.run import RunDir, seed_everything
+from common.run import RunDir, generator_dir
+from common.train import add_resume_flag
 from m2pkd import data as D
 from m2pkd import postprocess as PP
 from m2pkd import preprocess as P
-from m2pkd import train as T
+from m2pkd import trainer as T
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "config.yaml"
 DEMO_CONFIG = HERE / "configs" / "demo.yaml"
 FLAGS = {"data": "data.root", "work": "data.work", "dim": "dim", "parity": "parity",
          "frame_retention": "faces.frame_retention", "teacher": "kd.teacher", "visual_weights": "model.visual_weights",
-         "audio_weights": "model.audio_weights", "steps": "train.steps", "seed": "seed"}
+         "audio_weights": "model.audio_weights", "allow_random_init": "model.allow_random_init",
+         "steps": "train.steps", "seed": "seed"}
 
 
 def parser(doc: str, flags=()) -> argparse.ArgumentParser:
@@ -38,8 +40,11 @@ def parser(doc: str, flags=()) -> argparse.ArgumentParser:
     if "train" in flags:
         p.add_argument("--dim", choices=D.DIMS, help="arousal or valence (dim)")
         p.add_argument("--teacher", help="teacher run directory or checkpoint (kd.teacher), for the student")
-        p.add_argument("--visual-weights", help="FER2013 VGG19 checkpoint (model.visual_weights)")
-        p.add_argument("--audio-weights", help="torchvision ResNet18 state dict (model.audio_weights)")
+        p.add_argument("--visual-weights", help="FER2013 VGG19 checkpoint or imagenet (model.visual_weights)")
+        p.add_argument("--audio-weights", help="torchvision ResNet18 state dict or imagenet (model.audio_weights)")
+        p.add_argument("--allow-random-init", action="store_const", const=True,
+                       help="train from random weights where no pretrained weights are given")
+        add_resume_flag(p)
         p.add_argument("--steps", type=int, help="training steps (train.steps)")
         p.add_argument("--seed", type=int)
     return p
@@ -56,24 +61,22 @@ def resolve(args) -> dict:
 def run_step(step: str, cfg: dict, log=print) -> dict:
     fn = {"faces": P.extract_faces, "audio": P.extract_audio, "melspec": P.make_specs, "csv": P.make_csvs}[step]
     D.root_dir(cfg)
+    recs = D.recordings(cfg)
+    if not recs:
+        raise C.ConfigError("data.train, data.dev: no recordings named; nothing to process")
     rep = fn(cfg, log=log)
     log(f"{step}: {len(rep['done'])} done, {len(rep['skipped'])} already done (skipped), "
-        f"{len(rep['failed'])} unreadable or missing" + (f": {', '.join(rep['failed'])}" if rep["failed"] else ""))
+        f"{len(rep['failed'])} failed" + (f": {', '.join(rep['failed'])}" if rep["failed"] else ""))
+    if rep["failed"]:
+        first = next(iter(rep["failed"].values()))
+        raise C.DataError(f"{step}: {len(rep['failed'])} of {len(recs)} recordings failed "
+                          f"({len(rep['done']) + len(rep['skipped'])} processed); first: {first}")
     return rep
 
 
-def train(cfg: dict, role: str, out, device) -> tuple[RunDir, dict]:
+def train(cfg: dict, role: str, out, device, resume=None) -> tuple[RunDir, dict]:
     D.root_dir(cfg)
-    if role == "student" and not cfg["kd"]["teacher"]:
-        raise C.ConfigError("kd.teacher: the student needs a teacher checkpoint (--teacher RUN_DIR_OR_FILE)")
-    seed_everything(cfg["seed"], cfg["deterministic"])
-    rd = RunDir.create(out, f"{role}_{cfg['dim']}", config=cfg, code_from=HERE)
-    rd.log(f"run directory {rd.path}")
-    try:
-        summary = T.run(cfg, role, rd, device)
-    finally:
-        rd.close()
-    return rd, summary
+    return T.fit(cfg, role, out, device, resume=resume)
 
 
 def plot_ccc(run_dir, cfg: dict, log=print) -> dict:
@@ -113,47 +116,108 @@ def plot_ccc(run_dir, cfg: dict, log=print) -> dict:
     return tab
 
 
-def demo(cfg: dict, out, device, dims=None, data_dir=None, log=print) -> dict:
-    """Write the demo tree, run steps 1-6, return {"run": demo dir, "rows": CCC table rows, "runs": {...}}."""
-    dims = list(dims or [cfg["dim"]])
-    root = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="m2pkd_demo_"))
-    cfg = {**cfg, "data": {**cfg["data"], "root": str(root), "work": None}}
-    if not (root / "recordings_video").is_dir():
+def demo_models(cfg) -> list[tuple[str, str | None]]:
+    """(role, KD weighting) of each model the demo trains per seed: baseline, teacher, one student per weighting."""
+    return [("baseline", None), ("teacher", None)] + [("student", w) for w in cfg["demo"]["weightings"]]
+
+
+def model_name(role: str, weighting: str | None) -> str:
+    return f"student_{weighting}" if weighting else role
+
+
+def demo_data(cfg, data_dir, log) -> Path:
+    """The demo tree: a new temporary directory, or `data_dir` (new, empty, or written by an earlier demo)."""
+    root = Path(tempfile.mkdtemp(prefix="m2pkd_demo_")) if data_dir is None else Path(data_dir)
+    reuse = (root / "recordings_video").is_dir()
+    generator_dir(root, "m2pkd demo data")
+    if not reuse:
         D.make_demo(root, cfg)
-    log(f"demo data: {root}")
+    log(f"demo data: {root}" + (" (written by an earlier demo; reused)" if reuse else ""))
+    return root
+
+
+def demo(cfg: dict, out, device, dims=None, data_dir=None, log=print) -> dict:
+    """Write the demo tree, run steps 1-3 once, then for every dimension and every seed of demo.seeds train the
+    baseline, the teacher and one student per weighting of demo.weightings, and post-process each (step 6).
+    Returns {"run": demo dir, "data": tree, "results": {dim: {model: {seed: row}}}, "summary": summary.json}."""
+    dims = list(dims or [cfg["dim"]])
+    root = demo_data(cfg, data_dir, log)
+    cfg = {**cfg, "data": {**cfg["data"], "root": str(root), "work": None}}
     for step in ("faces", "audio", "melspec", "csv"):
         run_step(step, cfg, log)
     top = RunDir.create(out, "demo", config=cfg, code_from=HERE)
-    rows, runs = [], {}
+    results: dict = {}
     try:
         for dim in dims:
-            c = {**cfg, "dim": dim}
-            for role in ("baseline", "teacher", "student"):
-                if role == "student":
-                    c = {**c, "kd": {**c["kd"], "teacher": str(runs[(dim, "teacher")]["dir"])}}
-                rd, summ = train(c, role, top.path, device)
-                tab = plot_ccc(rd.path, c, log)
-                runs[(dim, role)] = {"dir": rd.path, "summary": summ, "table": tab}
-                rows.append({"dim": dim, "model": role, "selection_ccc": summ["selection_ccc"],
-                             "dev_raw": tab["raw"]["mean"], "dev_raw_concat": tab["raw"]["concat"],
-                             "dev_authors": tab["authors"]["mean"], "dev_avec": tab["avec"]["mean"],
-                             "best_step": summ["best_step"], "seconds": summ["seconds"]})
-        top.write_csv("ccc_table.csv", rows)
-        plots.grouped_bars(top.file("ccc_dev.png"), [f"{r['model']}\n{r['dim']}" for r in rows],
-                           {"raw": ([r["dev_raw"] for r in rows],), "authors": ([r["dev_authors"] for r in rows],),
-                            "AVEC": ([r["dev_avec"] for r in rows],)},
-                           ylabel="dev CCC (mean over recordings)", title="M2PKD demo: dev CCC")
-        top.write_summary({"experiment": "m2pkd", "demo_data": str(root), "protocol": T.splits(cfg)["protocol"],
-                           "rows": rows, "runs": {f"{d}/{r}": str(v["dir"]) for (d, r), v in runs.items()}})
-        log(table_text(rows, T.splits(cfg)["protocol"]))
+            for seed in cfg["demo"]["seeds"]:
+                c = {**cfg, "dim": dim, "seed": seed}
+                for role, w in demo_models(cfg):
+                    cr = c if role != "student" else {**c, "kd": {**c["kd"], "weighting": w, "teacher": str(
+                        results[dim]["teacher"][seed]["dir"])}}
+                    rd, summ = train(cr, role, top.path, device)
+                    tab = plot_ccc(rd.path, cr, log)
+                    results.setdefault(dim, {}).setdefault(model_name(role, w), {})[seed] = {
+                        "dir": rd.path, "selection_ccc": summ["selection_ccc"], "dev_raw": tab["raw"]["mean"],
+                        "dev_raw_concat": tab["raw"]["concat"], "dev_authors": tab["authors"]["mean"],
+                        "dev_avec": tab["avec"]["mean"], "best_step": summ["best_step"], "seconds": summ["seconds"]}
+        summary = demo_summary(cfg, results, root)
+        top.write_csv("ccc_table.csv", summary["table"])
+        demo_plot(top.file("ccc_dev.png"), summary["table"])
+        top.write_summary(summary)
+        text = table_text(summary)
+        top.file("ccc_table.txt").write_text(text + "\n")
+        log(text)
     finally:
         top.close()
-    return {"run": top.path, "rows": rows, "runs": runs, "data": root}
+    return {"run": top.path, "data": root, "results": results, "summary": summary}
 
 
-def table_text(rows, protocol) -> str:
-    lines = [f"dev CCC (mean over recordings; {protocol})",
-             f"{'dim':8} {'model':9} {'select':>7} {'raw':>7} {'concat':>7} {'authors':>8} {'avec':>7}"]
-    lines += [f"{r['dim']:8} {r['model']:9} {r['selection_ccc']:7.4f} {r['dev_raw']:7.4f} {r['dev_raw_concat']:7.4f} "
-              f"{r['dev_authors']:8.4f} {r['dev_avec']:7.4f}" for r in rows]
+def _mean_sd(values) -> tuple[float, float]:
+    v = np.asarray(list(values), dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def demo_summary(cfg, results: dict, root) -> dict:
+    """summary.json of the demo: seeds, per dimension and model (with its KD weighting) the per-seed dev CCC and its
+    mean ± sd (sample sd over seeds), the table rows, and what KD did (student − baseline, paired by seed)."""
+    seeds = list(cfg["demo"]["seeds"])
+    per, table, verdict = {}, [], []
+    for dim, models in results.items():
+        per[dim] = {}
+        for name, rows in models.items():
+            entry = {"weighting": name.removeprefix("student_") if name.startswith("student_") else None}
+            for col in ("dev_raw", "dev_authors", "dev_avec", "selection_ccc"):
+                m, sd = _mean_sd(rows[s][col] for s in seeds)
+                entry[col] = {"per_seed": {str(s): rows[s][col] for s in seeds}, "mean": m, "sd": sd}
+            per[dim][name] = entry
+            table.append({"dim": dim, "model": name, **{f"{c}_{k}": entry[c][k] for c in
+                                                          ("dev_raw", "dev_authors", "dev_avec") for k in ("mean", "sd")},
+                          **{f"dev_raw_seed{s}": rows[s]["dev_raw"] for s in seeds}})
+        base = models["baseline"]
+        for name in (n for n in models if n.startswith("student_")):
+            diff = [models[name][s]["dev_raw"] - base[s]["dev_raw"] for s in seeds]
+            m, sd = _mean_sd(diff)
+            verdict.append(f"{dim}, {name}: dev CCC {m:+.3f} ± {sd:.3f} vs the visual-only baseline (paired by seed; "
+                           f"higher in {sum(d > 0 for d in diff)} of {len(seeds)} seeds)")
+    return {"experiment": "m2pkd", "demo_data": str(root), "protocol": T.splits(cfg)["protocol"], "seeds": seeds,
+            "metric": "dev CCC, mean over dev recordings (raw, and after the authors' / the AVEC post-processing)",
+            "results": per, "table": table, "kd_effect": verdict}
+
+
+def demo_plot(path, table: list[dict]) -> None:
+    labels = [f"{r['model']}\n{r['dim']}" for r in table]
+    plots.grouped_bars(path, labels, {c: ([r[f"dev_{c}_mean"] for r in table], [r[f"dev_{c}_sd"] for r in table])
+                                      for c in ("raw", "authors", "avec")},
+                       ylabel="dev CCC (mean over recordings; ± sd over seeds)", title="M2PKD demo: dev CCC")
+
+
+def table_text(summary: dict) -> str:
+    seeds = summary["seeds"]
+    lines = [f"dev CCC, mean over dev recordings, mean ± sd over seeds {seeds} ({summary['protocol']})",
+             f"{'dim':8} {'model':15} {'raw':>15} {'authors':>15} {'avec':>15}   raw per seed"]
+    for r in summary["table"]:
+        cells = [f"{r[f'dev_{c}_mean']:7.3f} ± {r[f'dev_{c}_sd']:.3f}" for c in ("raw", "authors", "avec")]
+        lines.append(f"{r['dim']:8} {r['model']:15} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15}   "
+                     + " ".join(f"{r[f'dev_raw_seed{s}']:.3f}" for s in seeds))
+    lines += ["what KD did:"] + [f"  {v}" for v in summary["kd_effect"]]
     return "\n".join(lines)

@@ -95,8 +95,8 @@ def extract_faces(cfg, log: Callable[[str], None] = print, detector=None) -> dic
             continue
         src = D.video_path(cfg, rec)
         if not src.is_file():
-            rep["failed"][rec] = f"{src}: video not found"
-            log(f"faces: skipping {rec}: {src}: video not found")
+            rep["failed"][rec] = f"{src}: missing"
+            log(f"faces: skipping {rec}: {src}: missing")
             continue
         detector = detector or build_detector(cfg)
         out.mkdir(parents=True, exist_ok=True)
@@ -130,6 +130,42 @@ def extract_faces(cfg, log: Callable[[str], None] = print, detector=None) -> dic
 # ----------------------------------------------------------------------------------------------------------------
 # step 2: audio segments and spectrograms
 
+def video_seconds(path: Path) -> float | None:
+    """Duration of a video from its frame count and rate (None when OpenCV cannot tell)."""
+    import cv2
+    cap = cv2.VideoCapture(str(path))
+    try:
+        fps, count = cap.get(cv2.CAP_PROP_FPS), cap.get(cv2.CAP_PROP_FRAME_COUNT)
+    finally:
+        cap.release()
+    return count / fps if fps and fps > 0 and count and count > 0 else None
+
+
+def expected_seconds(cfg, rec) -> dict[str, float]:
+    """What the audio must cover: the video's duration and the gold standard's (rows − 1) × 40 ms, where known."""
+    out = {}
+    if D.video_path(cfg, rec).is_file():
+        v = video_seconds(D.video_path(cfg, rec))
+        if v:
+            out["video"] = v
+    try:
+        gold = D.read_gold(cfg, rec)
+        out["gold standard"] = (len(gold["arousal"]) - 1) * cfg["data"]["frame_ms"] / 1000.0
+    except DataError:
+        pass  # a missing or broken gold standard is reported by the csv step
+    return out
+
+
+def check_duration(src: Path, seconds: float, cfg, rec) -> None:
+    """Refuse audio that is shorter than the video or the gold standard (a truncated wav would give most frames
+    the wrong spectrogram), naming the durations."""
+    need = expected_seconds(cfg, rec)
+    short = {k: v for k, v in need.items() if seconds < v - cfg["data"]["duration_tolerance"]}
+    if short:
+        what = ", ".join(f"{k} {v:.2f} s" for k, v in need.items())
+        raise DataError(f"{src}: audio lasts {seconds:.2f} s, shorter than the recording ({what}); truncated wav?")
+
+
 def extract_audio(cfg, log: Callable[[str], None] = print) -> dict:
     import librosa
     import soundfile as sf
@@ -141,14 +177,18 @@ def extract_audio(cfg, log: Callable[[str], None] = print) -> dict:
             continue
         src = D.audio_path(cfg, rec)
         try:
-            y, sr = librosa.load(str(src), sr=a["sample_rate"], mono=True)
-        except Exception as e:  # librosa / soundfile raise many types for missing or corrupt files
-            rep["failed"][rec] = f"{src}: unreadable audio ({type(e).__name__})"
-            log(f"audio: skipping {rec}: {src}: unreadable audio ({type(e).__name__}: {str(e)[:80]})")
-            continue
-        if len(y) == 0:
-            rep["failed"][rec] = f"{src}: empty audio"
-            log(f"audio: skipping {rec}: {src}: empty audio")
+            if not src.is_file():
+                raise DataError(f"{src}: missing")
+            try:
+                y, sr = librosa.load(str(src), sr=a["sample_rate"], mono=True)
+            except Exception as e:  # librosa / soundfile raise many types for corrupt files
+                raise DataError(f"{src}: unreadable audio ({type(e).__name__})") from None
+            if len(y) == 0:
+                raise DataError(f"{src}: empty audio")
+            check_duration(src, len(y) / sr, cfg, rec)
+        except DataError as e:
+            rep["failed"][rec] = str(e)
+            log(f"audio: skipping {rec}: {e}")
             continue
         out.mkdir(parents=True, exist_ok=True)
         buf = int(round(a["segment_seconds"] * sr))
@@ -187,12 +227,12 @@ def render_jpg(db: np.ndarray, cfg, path: Path) -> None:
 def make_specs(cfg, log: Callable[[str], None] = print) -> dict:
     import soundfile as sf
     rep = _report()
-    ext = "jpg" if cfg["parity"] else D.spec_ext(cfg)
+    ext = D.spec_ext(cfg)
     for rec in D.recordings(cfg):
         seg = D.segments_dir(cfg, rec)
         if not (seg / DONE).exists():
-            rep["failed"][rec] = f"{seg}: no audio segments (run audio_extract first)"
-            log(f"melspec: skipping {rec}: {seg}: no audio segments")
+            rep["failed"][rec] = f"{seg}: missing (run audio_extract.py first)"
+            log(f"melspec: skipping {rec}: {seg}: missing (run audio_extract.py first)")
             continue
         out = D.specs_dir(cfg, rec)
         out.mkdir(parents=True, exist_ok=True)
@@ -225,19 +265,21 @@ def make_specs(cfg, log: Callable[[str], None] = print) -> dict:
 
 def make_csvs(cfg, log: Callable[[str], None] = print) -> dict:
     rep = _report()
-    ext = "jpg" if cfg["parity"] else D.spec_ext(cfg)
+    ext = D.spec_ext(cfg)
     for rec in D.recordings(cfg):
         path = D.annotation_path(cfg, rec)
         if path.exists():
             rep["skipped"].append(rec)
             continue
         fdir, sdir = D.faces_dir(cfg, rec), D.specs_dir(cfg, rec)
-        if not (fdir / DONE).exists() or not sdir.is_dir():
-            rep["failed"][rec] = f"{fdir} or {sdir}: missing (run the face and audio steps first)"
-            log(f"csv: skipping {rec}: faces or spectrograms missing")
+        missing = [str(p) for p, ok in ((fdir, (fdir / DONE).exists()), (sdir, sdir.is_dir())) if not ok]
+        if missing:
+            rep["failed"][rec] = f"{' and '.join(missing)}: missing (run face_detector.py / audio_melspec.py first)"
+            log(f"csv: skipping {rec}: {rep['failed'][rec]}")
             continue
         try:
             gold = D.read_gold(cfg, rec)
+            keep = D.finite_gold_rows(cfg, rec, gold)
         except DataError as e:
             rep["failed"][rec] = str(e)
             log(f"csv: skipping {rec}: {e}")
@@ -252,8 +294,12 @@ def make_csvs(cfg, log: Callable[[str], None] = print) -> dict:
         n = min(n_frames, len(gold["arousal"]))
         seg = D.segment_of_frame(np.arange(n), cfg, n_specs)
         rows = [{"image_name": f"image{j}.jpg", "spec_name": f"{seg[j]}_{rec}.{ext}",
-                 "arousal": f"{gold['arousal'][j]:.6f}", "valence": f"{gold['valence'][j]:.6f}"} for j in range(n)]
+                 "arousal": f"{gold['arousal'][j]:.6f}", "valence": f"{gold['valence'][j]:.6f}"}
+                for j in range(n) if keep[j]]
         D.write_annotation_csv(path, rows)
-        log(f"csv: {rec}: {n} rows (gold standard {len(gold['arousal'])} rows, {n_frames} frames, {n_specs} specs)")
+        dropped = n - len(rows)
+        log(f"csv: {rec}: {len(rows)} rows (gold standard {len(gold['arousal'])} rows, {n_frames} frames, "
+            f"{n_specs} specs" + (f"; {dropped} frames dropped: gold standard not a number, data.gold_nan: drop)"
+                                  if dropped else ")"))
         rep["done"].append(rec)
     return rep
