@@ -888,6 +888,47 @@ def _rule(args) -> VerdictRule:
                        args.variant)
 
 
+CHECK_RECORDS = "advisor_records.json"
+
+
+def save_check_records(out_dir: str | Path, records: list[dict]) -> Path:
+    """For `make reproduce`'s advisor section: an experiment's reproduction lists, per configuration it trained, where
+    the pre-distillation logits are and the Delta it measured. Each record: {"label", "teacher" (a run directory or
+    logits file, relative to out_dir or absolute), optional "probe" and "tag", "delta" (KD − no-KD, in points)}.
+    Written to `<out_dir>/advisor_records.json`."""
+    out_dir = Path(out_dir)
+    clean = []
+    for i, r in enumerate(records):
+        missing = [k for k in ("label", "teacher", "delta") if k not in r]
+        if missing:
+            raise ValueError(f"advisor record {i}: missing {', '.join(missing)}")
+        rec = {k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()}
+        rec["delta"] = float(rec["delta"])
+        clean.append(rec)
+    return write_json(out_dir / CHECK_RECORDS, clean)
+
+
+def check_from_records(exp_dirs: dict, *, plot: str | Path | None = None, **kw) -> tuple[dict | None, list[dict]]:
+    """The advisor check over experiments' saved records ({experiment: its results directory}): every record's
+    score is computed from its logits with `advise_files`, then `advisor_check`. Returns (check or None when no
+    experiment has records, the scored rows)."""
+    rows = []
+    for exp, d in exp_dirs.items():
+        path = Path(d) / CHECK_RECORDS
+        if not path.is_file():
+            continue
+        for r in json.loads(path.read_text()):
+            teacher = Path(r["teacher"]) if Path(r["teacher"]).is_absolute() else Path(d) / r["teacher"]
+            probe = r.get("probe")
+            probe = None if probe is None else (Path(probe) if Path(probe).is_absolute() else Path(d) / probe)
+            a = advise_files(teacher, probe, tag=r.get("tag"))
+            rows.append({"experiment": exp, "label": r["label"], "predicted": a["score"], "delta": r["delta"],
+                         "quantity": a["quantity"], "divergence": a["divergence"], "verdict": a["verdict"]["label"]})
+    if not rows:
+        return None, rows
+    return advisor_check(rows, plot=plot, **kw), rows
+
+
 def advise_files(teacher: str | Path, probe: str | Path | None = None, labels: str | Path | None = None, *,
                  tag: str | None = None, **kw) -> dict:
     """`advise` on files or run directories, resolved as the CLI does: `teacher` / `probe` are .npy/.npz/.pt files

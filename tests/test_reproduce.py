@@ -23,3 +23,30 @@ def test_gauss_section_end_to_end(tmp_path):
     assert len(pngs) >= 6 and all(p.stat().st_size > 1000 for p in pngs)
     for ref in [line.split("](")[1].split(")")[0] for line in report.splitlines() if line.startswith("![")]:
         assert (tmp_path / ref).exists(), ref
+
+
+def _records(root, exp, deltas, seed):
+    import numpy as np
+    from common import ntd
+    rng = np.random.default_rng(seed)
+    recs = []
+    for k, delta in enumerate(deltas):
+        run = root / exp / f"run{k}"
+        run.mkdir(parents=True)
+        y = rng.integers(0, 3, 200)
+        t = rng.normal(size=(200, 3))
+        t[np.arange(200), y] += 3
+        ntd.save_logits(run, "teacher", t, y)
+        ntd.save_logits(run, "probe", t + rng.normal(scale=0.5 * (k + 1), size=t.shape), y)  # farther with k
+        recs.append({"label": f"cfg{k}", "teacher": f"run{k}", "delta": delta})
+    ntd.save_check_records(root / exp, recs)
+
+
+def test_advisor_section_scores_logits_against_deltas(tmp_path):
+    # the probe drifts away from the teacher with k: predicted benefit falls with k
+    _records(tmp_path, "agree", [0.0, -1.0, -2.0, -3.0], seed=0)      # Deltas fall too: rho = +1
+    _records(tmp_path, "disagree", [-3.0, -2.0, -1.0, 0.0], seed=1)   # Deltas rise: rho = -1
+    text = reproduce.advisor_section(tmp_path, ["agree", "disagree", "m2pkd"])
+    assert "| agree | 4 | +1.000 |" in text and "| disagree | 4 | -1.000 |" in text
+    assert "No advisor records from: m2pkd" in text and (tmp_path / "advisor_check.png").stat().st_size > 1000
+    assert reproduce.advisor_section(tmp_path, ["m2pkd"]).count("No experiment wrote advisor records") == 1
