@@ -1,4 +1,5 @@
-"""SemanticKITTI in its real on-disk format, projected onto the camera image plane (PMF's perspective view, spec §7).
+"""SemanticKITTI in its real on-disk format, projected onto the camera image plane (PMF's perspective view: the
+reference repository's semanticKITTI/pc_processor/dataset/perspective_view_loader.py, PerspectiveViewLoader).
 
     <data_root>/<seq:02d>/velodyne/<frame>.bin    float32 rows (x, y, z, intensity)
     <data_root>/<seq:02d>/labels/<frame>.label    uint32 per point: semantic id = v & 0xFFFF, instance = v >> 16
@@ -159,7 +160,7 @@ def read_image(path: str | Path) -> Image.Image:
 def project(xyz: np.ndarray, P2: np.ndarray, Tr: np.ndarray, height: int, width: int, zbuffer: bool = True):
     """Points in front of the LiDAR (x > 0) through P2·Tr into the image: returns (point indices, rows, cols),
     one point per pixel. zbuffer: the nearest point wins a pixel (default); False: the last point in file order
-    wins, as the reference's unordered write (spec §12, bug 68)."""
+    wins, as the reference's unordered write in mapLidar2Camera (README "Reference bugs fixed")."""
     idx = np.nonzero(xyz[:, 0] > 0)[0]
     hom = np.concatenate([xyz[idx].astype(np.float64), np.ones((idx.size, 1))], 1)
     img = hom @ (P2 @ Tr).T

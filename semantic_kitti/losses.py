@@ -1,4 +1,5 @@
-"""Segmentation losses of PMF (spec §7.5): class-weighted focal softmax, Lovász-softmax, perception-aware loss."""
+"""Segmentation losses of PMF (the reference repository's semanticKITTI/pc_processor/loss): class-weighted focal
+softmax, Lovász-softmax, perception-aware loss, and the two trainers' focal + λ·Lovász objective."""
 from __future__ import annotations
 
 import math
@@ -73,8 +74,9 @@ class LovaszSoftmax(nn.Module):
 
 
 def perception_aware_loss(pcd_logits, img_logits, label_mask, tau: float = 0.7):
-    """PMF's perception-aware loss (spec §7.5), averaged over the labelled pixels: each stream learns from the
-    other where the other is more confident (normalised entropy), above τ.
+    """PMF's perception-aware loss (the reference's trainer.py, `_computePerceptionAwareLoss`), averaged over the
+    labelled pixels: each stream learns from the other where the other is more confident (normalised entropy),
+    above τ.
 
         conf = 1 − H(p)/log C;  imp = conf_pcd − conf_img
         w_img = 1[imp > 0]·|imp|·1[conf_pcd ≥ τ]  (image learns from LiDAR), w_pcd symmetric

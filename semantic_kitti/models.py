@@ -1,6 +1,7 @@
-"""Networks (spec §7.4): CameraNet (ResNet encoder with a stride-1 stem + RGB decoder), LidarNet (SalsaNext on the
-5 LiDAR channels) and the fusion PMFNet. Every network returns logits; softmax is taken by the caller (the reference's
-CameraNet returned a tensor in one trainer and a tuple in the other, spec §12 bug 59).
+"""Networks (the reference repository's semanticKITTI/pc_processor/models, PMFNet and SalsaNext): CameraNet (ResNet
+encoder with a stride-1 stem + RGB decoder), LidarNet (SalsaNext on the 5 LiDAR channels) and the fusion PMFNet.
+Every network returns logits; softmax is taken by the caller (the reference's CameraNet returned a tensor in
+trainer.py and a tuple in trainer_student.py).
 """
 from __future__ import annotations
 
