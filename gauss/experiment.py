@@ -4,16 +4,14 @@ and one KD student per (method, mask) on x2 — all runs of all settings trained
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from common import divergence as D
-from common.synthetic import dispatch, parallel
-from common.synthetic.fastfit import fit_objective
-from common.metrics import spearman_summary
+from common.synthetic import dispatch
+from common.synthetic import sweep as sweep_protocol
 from common.run import derived_seed
 from common.synthetic.vectorized import BatchedLinear, accuracy
 from gauss import data
@@ -79,9 +77,9 @@ def train_linear(cfg, sweep: Sweep, x: torch.Tensor, role: int, desc: str, objec
                           seeds=init_seeds(cfg, sweep, role)).to(x.device)
     t = cfg["train"]
     # CE, and CE + KL without a mask (the default), by their closed-form gradients; other objectives by autograd
-    return fit_objective(model, x, sweep.train.y, epochs=t["epochs"], lr=t["lr"], momentum=t["momentum"],
-                         objective=objective, teacher_out=teacher_out, desc=desc, progress=cfg["progress"],
-                         engine=t["engine"])
+    return dispatch.train(model, x, sweep.train.y, epochs=t["epochs"], lr=t["lr"], momentum=t["momentum"],
+                          objective=objective, teacher_out=teacher_out, desc=desc, progress=cfg["progress"],
+                          engine=t["engine"])
 
 
 def nontarget_divergence(z_s: torch.Tensor, z_t: torch.Tensor, y: torch.Tensor, variant: str) -> torch.Tensor:
@@ -92,21 +90,16 @@ def nontarget_divergence(z_s: torch.Tensor, z_t: torch.Tensor, y: torch.Tensor, 
     return D.target_js(z_s, z_t, y, variant, dim=1).mean(-1)
 
 
-def objective_for(cfg: dict, method: str, mask: str, sweep: Sweep, n_classes: int):
-    """common.kd.method_objective for every group of the sweep, with what only the sweep knows (sizes, labels)."""
-    context = {"student_dim": n_classes, "teacher_dim": n_classes, "n_data": sweep.train.y.shape[1],
-               "dataset_labels": sweep.train.y}
-    return dispatch.objective(cfg["kd"], method, mask, detach_omega=not cfg["parity"], runs=sweep.groups,
-                              context=context)
+def objective_for(cfg: dict, method: str, mask: str, sweep, n_classes: int):
+    """The sweep's Objective of one (method, mask) (common.synthetic.sweep.objective_for) for sweep.train.y."""
+    return sweep_protocol.objective_for(cfg, method, mask, sweep.train.y, n_classes)
 
 
 def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
-    """Train everything — in this process, or with the runs cut into blocks over `workers` CPU processes
-    (common.synthetic.parallel) — and return {"rows", "per_run", "correlations", "settings", "seconds"}."""
-    started = time.perf_counter()
-    parts, workers = parallel.run_sweep_blocks(sweep_block, cfg, device, log)
-    block = parallel.concat_runs(parts)
-    return {**summarize(block, log), "seconds": time.perf_counter() - started, "workers": workers}
+    """Train everything — in this process, or with the runs cut into blocks over `workers` CPU processes — and
+    return {"rows", "per_run", "correlations", "settings", "seconds", "workers"}."""
+    block, workers, seconds = sweep_protocol.run_blocks(sweep_block, cfg, device, log)
+    return {**summarize(block, log), "seconds": seconds, "workers": workers}
 
 
 def sweep_block(cfg: dict, first_run: int = 0, device: torch.device | str = "cpu", log=None) -> dict:
@@ -152,24 +145,11 @@ def sweep_block(cfg: dict, first_run: int = 0, device: torch.device | str = "cpu
 def summarize(block: dict, log=print) -> dict:
     """Rows (one per loss, mask, setting: means over runs), Deltas and the NTDH rank correlations of the per-run
     results of `sweep_block` (one block, or the concatenation of all)."""
-    settings, teacher_acc, no_kd_acc = block["settings"], block["teacher_acc"], block["no_kd_acc"]
-    rows, per_run = [], {}
-    for key, res in block["per_run"].items():
-        method, mask = key.split("/")
-        delta = (res["kd_acc"] - no_kd_acc) * 100
-        per_run[key] = {"delta": delta, "ncjsd": res["ncjsd"], "kd_acc": res["kd_acc"]}
-        for s, setting in enumerate(settings):
-            rows.append({"loss": method, "mask": mask, **setting, "runs": teacher_acc.shape[1],
-                         "teacher_acc": teacher_acc[s].mean(), "no_kd_acc": no_kd_acc[s].mean(),
-                         "kd_acc": res["kd_acc"][s].mean(), "delta_mean": delta[s].mean(),
-                         "delta_std": delta[s].std(), "ncjsd": res["ncjsd"][s].mean(),
-                         "cmd_input": block["cmd_input"][s].mean(), "cmd_output": res["cmd_output"][s].mean()})
-        log(format_table([r for r in rows if r["loss"] == method and r["mask"] == mask], method, mask))
-    correlations = {key: spearman_summary(v["ncjsd"], v["delta"]) for key, v in per_run.items()}
-    for key, c in correlations.items():
-        log(f"NTDH check {key}: Spearman ρ(non-target JS, Delta) = {c['rho']:+.3f} over {c['n']} runs "
-            f"(p = {c['p']:.2g}); over the γ means ρ = {c['rho_means']:+.3f}")
-    return {"rows": rows, "per_run": per_run, "correlations": correlations, "settings": settings}
+    def extra(key, res, s):
+        return {"cmd_input": block["cmd_input"][s].mean(), "cmd_output": res["cmd_output"][s].mean()}
+    out = sweep_protocol.kd_rows(block, extra, format_table, log)
+    out["per_run"] = {k: {n: v[n] for n in ("delta", "ncjsd", "kd_acc")} for k, v in out["per_run"].items()}
+    return out
 
 
 def input_cmd(split: data.Split, moments: int, sweep: Sweep) -> np.ndarray:
@@ -181,14 +161,9 @@ def input_cmd(split: data.Split, moments: int, sweep: Sweep) -> np.ndarray:
 
 
 def format_table(rows: list[dict], method: str, mask: str) -> str:
-    alpha = "alpha" in rows[0]
-    head = (f"\n{method} (mask {mask}), {rows[0]['runs']} runs\n" + (f"{'alpha':>6} " if alpha else "") +
-            f"{'gamma':>6} {'teacher':>8} {'no-KD':>8} {'KD':>8} {'Delta (pts)':>15} {'CMD in':>8} {'CMD out':>8} "
-            f"{'nc-JS':>8}")
-    lines = [head, "-" * len(head.splitlines()[-1])]
-    for r in rows:
-        lines.append((f"{r['alpha']:6.2f} " if alpha else "") +
-                     f"{r['gamma']:6.2f} {r['teacher_acc']:8.4f} {r['no_kd_acc']:8.4f} {r['kd_acc']:8.4f} "
-                     f"{r['delta_mean']:+7.2f} ± {r['delta_std']:5.2f} {r['cmd_input']:8.2f} {r['cmd_output']:8.4f} "
-                     f"{r['ncjsd']:8.5f}")
-    return "\n".join(lines)
+    columns = [("alpha", 6, lambda r: f"{r['alpha']:.2f}")] if "alpha" in rows[0] else []
+    columns += [("gamma", 6, lambda r: f"{r['gamma']:.2f}"), ("teacher", 8, lambda r: f"{r['teacher_acc']:.4f}"),
+                ("no-KD", 8, lambda r: f"{r['no_kd_acc']:.4f}"), ("KD", 8, lambda r: f"{r['kd_acc']:.4f}"),
+                ("Delta (pts)", 15, sweep_protocol.delta_cell), ("CMD in", 8, lambda r: f"{r['cmd_input']:.2f}"),
+                ("CMD out", 8, lambda r: f"{r['cmd_output']:.4f}"), ("nc-JS", 8, lambda r: f"{r['ncjsd']:.5f}")]
+    return sweep_protocol.format_table(rows, f"{method} (mask {mask})", columns)

@@ -17,13 +17,11 @@ if str(HERE.parent) not in sys.path:  # run as a script without an install: make
 import torch  # noqa: E402
 
 from common import config as C  # noqa: E402
-from common.synthetic import fastfit, native  # noqa: E402
+from common.synthetic import fastfit, native, sweep  # noqa: E402
 from common.run import RunDir, cli, seed_everything  # noqa: E402
 from gauss import data, experiment, modify, report  # noqa: E402
 
 PRESETS = HERE / "configs"
-GENERATORS = (*experiment.SWEEP_GENERATORS, "modify_gamma")
-FLAGS = {"runs": "runs", "losses": "kd.losses", "masks": "kd.masks", "parity": "parity", "workers": "workers"}
 
 
 def presets() -> list[str]:
@@ -34,13 +32,8 @@ def parse_args(argv=None):
     p = C.base_parser(__doc__.splitlines()[0])
     p.set_defaults(out=str(HERE / "runs"))
     p.add_argument("--preset", help=f"a configuration of configs/ ({', '.join(presets())}), applied before --config")
-    p.add_argument("--runs", type=int, help="independent runs (seeds) per γ")
-    p.add_argument("--losses", help="comma-separated KD methods from kd.methods, or 'all'")
-    p.add_argument("--masks", help="comma-separated masks: none, omega")
-    p.add_argument("--workers", type=int, help="processes the runs are split over (CPU), one torch thread each")
-    p.add_argument("--parity", action="store_const", const=True,
-                   help="reproduce the reference's number-changing behaviours (reversed JS, ω not detached; "
-                        "mfh_modify_gamma: regular KD with swapped inputs, random columns with replacement)")
+    sweep.add_flags(p, "reproduce the reference's number-changing behaviours (reversed JS, ω not detached; "
+                       "mfh_modify_gamma: regular KD with swapped inputs, random columns with replacement)")
     return p.parse_args(argv)
 
 
@@ -49,43 +42,24 @@ def resolve_config(args) -> dict:
     preset = getattr(args, "preset", None)
     if preset is not None and preset not in presets():
         raise C.ConfigError(f"--preset: unknown preset {preset!r}; available: {', '.join(presets())}")
-    methods = [k for k in C.load_yaml(defaults)["kd"]["methods"] if k != "_open"]
-    if args.losses is not None:
-        args.losses = methods if args.losses.strip() == "all" else [s.strip() for s in args.losses.split(",") if s]
-    if args.masks is not None:
-        args.masks = [s.strip() for s in args.masks.split(",") if s.strip()]
+    sweep.split_lists(args, [k for k in C.load_yaml(defaults)["kd"]["methods"] if k != "_open"])
     # config.yaml ← preset ← --config ← --set ← flags, each layer validated against config.yaml
-    cfg = C.resolve(defaults, args, FLAGS, layers=[PRESETS / f"{preset}.yaml"] if preset else [])
-    unknown = [m for m in cfg["kd"]["losses"] if m not in cfg["kd"]["methods"]]
-    if unknown:
-        raise C.ConfigError(f"kd.losses: unknown method(s) {unknown}; known: {', '.join(cfg['kd']['methods'])}")
-    bad = [m for m in cfg["kd"]["masks"] if m not in ("none", "omega")]
-    if bad:
-        raise C.ConfigError(f"kd.masks: unknown mask(s) {bad}; expected none or omega")
-    if cfg["runs"] < 1:
-        raise C.ConfigError(f"runs must be ≥ 1, got {cfg['runs']}")
+    cfg = C.resolve(defaults, args, sweep.FLAGS, layers=[PRESETS / f"{preset}.yaml"] if preset else [])
+    sweep.check_methods(cfg)
     check(cfg)
     return cfg
 
 
 def check(cfg: dict) -> None:
-    """The knobs the schema's types cannot check, as one-line ConfigErrors before anything is written."""
-    d, m, a = cfg["data"], cfg["modify"], cfg["modify"]["alg1"]
+    """What the declared `_checks` of config.yaml cannot say, as one-line ConfigErrors before anything is written."""
+    d, m = cfg["data"], cfg["modify"]
 
     def need(ok: bool, msg: str):
         if not ok:
             raise C.ConfigError(msg)
 
-    need(d["generator"] in GENERATORS, f"data.generator: expected one of {', '.join(GENERATORS)}, got {d['generator']!r}")
-    need(d["decision"] in ("randn", "ones"), f"data.decision: expected randn or ones, got {d['decision']!r}")
-    need(bool(cfg["kd"]["losses"]) and bool(cfg["kd"]["masks"]), "kd.losses and kd.masks must not be empty")
-    for key in ("n_train", "n_test", "x1_dim", "x2_dim", "xs2_dim"):
-        need(d[key] >= 1, f"data.{key} must be ≥ 1, got {d[key]}")
-    need(cfg["train"]["epochs"] >= 1 and cfg["train"]["lr"] > 0, "train.epochs must be ≥ 1 and train.lr > 0")
     problem = fastfit.engine_problem(cfg["train"]["engine"])
     need(problem is None, f"train.engine: {problem}")
-    need(cfg["threads"] >= 0, f"threads must be ≥ 0 (0 = torch's default), got {cfg['threads']}")
-    need(cfg["workers"] >= 1, f"workers must be ≥ 1 (processes the runs are split over), got {cfg['workers']}")
     need(cfg["workers"] == 1 or cfg["data"]["generator"] != "modify_gamma",
          "workers: the modify_gamma table runs in one process (a few seconds); use workers: 1")
     settings = {"increase_gamma": "overlaps", "increase_alpha": "exclusive_dims", "modify_gamma": "xs2_dims"}
@@ -93,15 +67,8 @@ def check(cfg: dict) -> None:
     need(bool(d[key]) and all(isinstance(v, int) and not isinstance(v, bool) for v in d[key]),
          f"data.{key}: expected a non-empty list of integers, got {d[key]!r}")
     if d["generator"] == "modify_gamma":
-        need(bool(m["modes"]) and all(x in modify.MODES for x in m["modes"]) and len(set(m["modes"])) == len(m["modes"]),
+        need(bool(m["modes"]) and len(set(m["modes"])) == len(m["modes"]),
              f"modify.modes: expected distinct entries of {', '.join(modify.MODES)}, got {m['modes']!r}")
-        need(a["distance"] in modify.DISTANCES, f"modify.alg1.distance: expected one of {', '.join(modify.DISTANCES)} "
-             f"(the non-target JS is identically 0 with two classes), got {a['distance']!r}")
-        need(a["op"] in modify.OPS, f"modify.alg1.op: expected one of {', '.join(modify.OPS)}, got {a['op']!r}")
-        need(a["engine"] in modify.ENGINES,
-             f"modify.alg1.engine: expected one of {', '.join(modify.ENGINES)}, got {a['engine']!r}")
-        need(a["epochs"] >= 1 and a["repeats"] >= 1 and a["chunk_channels"] >= 1 and a["lr"] > 0,
-             "modify.alg1: epochs, repeats and chunk_channels must be ≥ 1 and lr > 0")
         need(not cfg["parity"] or d["x1_dim"] == d["x2_dim"], "parity with modify_gamma swaps x1 and x2 for the "
              f"regular KD student, so it needs x1_dim == x2_dim, got {d['x1_dim']} and {d['x2_dim']}")
     # the generators' own checks (dimensions that must fit), on a one-sample draw
@@ -121,13 +88,8 @@ def run(cfg: dict, out: str | Path, device: str = "auto") -> tuple[RunDir, dict]
     """Run the sweep into a new run directory; returns it and the results."""
     dev = C.resolve_device(device)
     seed_everything(cfg["seed"], cfg["deterministic"])
-    threads = torch.get_num_threads()
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
-    try:
+    with sweep.threads(cfg):
         return _run(cfg, out, dev)
-    finally:
-        torch.set_num_threads(threads)  # the setting is process-wide: give the caller (tests, reproduce) its own back
 
 
 def _run(cfg: dict, out, dev: torch.device) -> tuple[RunDir, dict]:

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import saliency
 from common.synthetic import dispatch
-from common.synthetic.fastfit import fit, fit_objective, joint_logit_grad
+from common.synthetic.fastfit import joint_logit_grad
 from common.run import derived_seed
 from common.synthetic.vectorized import BatchedLinear, accuracy, cross_entropy_sum
 from gauss import data, experiment
@@ -103,22 +102,18 @@ def algorithm1(cfg: dict, split: data.Split, n_settings: int, progress: bool):
     column (and x2 column) against the other modality's fixed output (step 2, common.saliency.saliency_vector at
     place "input"). Returns (sal_x1, sal_x2 or None).
 
-    engine `closed_form`: step 1 by common.synthetic.fastfit with the loss's closed-form gradient, step 2 by saliency_vector's
-    rank-1 path (a destroyed column c moves a linear model's output by W[:, c]·(x̃_c − x_c)); `autograd`:
-    common.saliency.joint_train and saliency_vector's generic copy path. The same numbers, ~20× apart in time."""
+    engine `closed_form`: step 1 by the loss's closed-form gradient, step 2 by the rank-1 path (a destroyed column c
+    moves a linear model's output by W[:, c]·(x̃_c − x_c)); `autograd`: the references, common.saliency's joint_train
+    and saliency_vector's copy path. The same numbers, ~20× apart in time (common.synthetic.dispatch decides)."""
     a = cfg["modify"]["alg1"]
     n_classes = int(split.y.max()) + 1
     net_t = linear(split.x1.shape[1], n_classes, seeds_for(cfg, n_settings, "joint_t")).to(split.x1.device)
     net_s = linear(split.x2.shape[1], n_classes, seeds_for(cfg, n_settings, "joint_s")).to(split.x1.device)
     fast = a["engine"] == "closed_form"
-    if fast:
-        fit([net_t, net_s], [split.x1, split.x2], epochs=a["epochs"], lr=a["lr"], momentum=a["momentum"],
-            grad_fn=joint_logit_grad(split.y, n_classes, a["distance"]), progress=progress, desc="alg1 joint",
-            engine=cfg["train"]["engine"])
-    else:
-        saliency.joint_train(net_t, net_s, lambda: [(split.x1, split.x2, split.y)], epochs=a["epochs"], lr=a["lr"],
-                             momentum=a["momentum"], loss_fn=_joint_loss(a["distance"]), class_dim=1,
-                             progress=progress)
+    dispatch.joint_train(net_t, net_s, split.x1, split.x2, split.y, epochs=a["epochs"], lr=a["lr"],
+                         momentum=a["momentum"], grad=joint_logit_grad(split.y, n_classes, a["distance"]) if fast
+                         else None, loss_fn=_joint_loss(a["distance"]), engine=cfg["train"]["engine"],
+                         progress=progress, desc="alg1 joint")
     kw = dict(op=a["op"], distance=a["distance"], repeats=a["repeats"], fast=fast,
               generator=torch.Generator().manual_seed(cfg["seed"]), chunk=a["chunk_channels"], progress=progress)
     sal_x1 = dispatch.saliency(net_t, net_s, split.x1, split.x2, split.y, desc="saliency x1", **kw)
@@ -159,7 +154,7 @@ def run_table(cfg: dict, device: torch.device, log=print) -> dict:
 
     def train_model(x, role, n_settings, desc, objective=None, teacher_out=None, widths=None):
         model = linear(x.shape[1], n_classes, seeds_for(cfg, n_settings, role), widths).to(device)
-        return fit_objective(model, x, kd_train.y if role != "teacher" else train.y, epochs=t["epochs"], lr=t["lr"],
+        return dispatch.train(model, x, kd_train.y if role != "teacher" else train.y, epochs=t["epochs"], lr=t["lr"],
                    momentum=t["momentum"], objective=objective, teacher_out=teacher_out, desc=desc,
                    progress=progress, engine=t["engine"])
 
@@ -190,7 +185,7 @@ def run_table(cfg: dict, device: torch.device, log=print) -> dict:
     mg_test = select_columns(test.x1.repeat(len(modes), 1, 1), all_columns)
     mg_y = kd_train.y.repeat(len(modes), 1)
     mg_teacher = linear(mg_train.shape[1], n_classes, seeds_for(cfg, len(modes) * S, "mg_teacher"), widths).to(device)
-    fit_objective(mg_teacher, mg_train, mg_y, epochs=t["epochs"], lr=t["lr"], momentum=t["momentum"],
+    dispatch.train(mg_teacher, mg_train, mg_y, epochs=t["epochs"], lr=t["lr"], momentum=t["momentum"],
         desc="modality-general teachers", progress=progress, engine=t["engine"])
     with torch.no_grad():
         mg_teacher_acc = per_group(accuracy(mg_teacher(mg_test), test.y.repeat(len(modes), 1)))
@@ -211,7 +206,7 @@ def run_table(cfg: dict, device: torch.device, log=print) -> dict:
             student = train_model(regular_in_s, "kd_student", S, f"{key} regular KD", objective, regular_teacher_out)
             objective = experiment.objective_for(cfg, method, mask, stage_b, n_classes).to(device)
             mg_student = linear(d["x2_dim"], n_classes, seeds_for(cfg, len(modes) * S, "mg_student")).to(device)
-            fit_objective(mg_student, stage_b.train.x2, mg_y, epochs=t["epochs"], lr=t["lr"], momentum=t["momentum"],
+            dispatch.train(mg_student, stage_b.train.x2, mg_y, epochs=t["epochs"], lr=t["lr"], momentum=t["momentum"],
                           objective=objective, teacher_out=mg_teacher_out, desc=f"{key} modality-general KD",
                           progress=progress, engine=t["engine"])
             with torch.no_grad():

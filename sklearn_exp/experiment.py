@@ -12,12 +12,11 @@ import numpy as np
 import torch
 
 from common import divergence as D
-from common.synthetic import parallel
-from common.synthetic.fastfit import fit, fit_objective, joint_ncjsd_grad
-from common.metrics import spearman_summary
+from common.synthetic.fastfit import joint_ncjsd_grad
 from common.run import derived_seed
 from common.saliency import removal_indices
 from common.synthetic import dispatch
+from common.synthetic import sweep as sweep_protocol
 from common.synthetic.vectorized import accuracy, cross_entropy_sum
 from sklearn_exp import data
 from sklearn_exp.models import two_layer_nn
@@ -94,25 +93,17 @@ def _train_cfg(cfg):
 
 def train_ce(cfg, x, y, seeds, desc):
     m = two_layer_nn(x.shape[1], cfg["model"]["hidden"], int(cfg["data"]["n_classes"]), x.shape[0], seeds)
-    return fit([m.to(x.device)], [x], labels=y, desc=desc, **_train_cfg(cfg))[0]
-
-
-def objective_for(cfg: dict, method: str, mask: str, sweep: Sweep, n_classes: int):
-    """common.kd.method_objective for every group of the sweep, with what only the sweep knows (sizes, labels)."""
-    context = {"student_dim": n_classes, "teacher_dim": n_classes, "n_data": sweep.train.y.shape[1],
-               "dataset_labels": sweep.train.y}
-    return dispatch.objective(cfg["kd"], method, mask, detach_omega=not cfg["parity"], runs=sweep.groups,
-                              context=context)
+    return dispatch.train(m.to(x.device), x, y, desc=desc, **_train_cfg(cfg))
 
 
 def train_kd(cfg, sweep, method, mask, teacher_train, seeds, desc):
     tr = sweep.train
     n_classes = int(cfg["data"]["n_classes"])
     student = two_layer_nn(tr.x2.shape[1], cfg["model"]["hidden"], n_classes, sweep.groups, seeds).to(tr.x2.device)
-    objective = objective_for(cfg, method, mask, sweep, n_classes).to(tr.x2.device)
+    objective = sweep_protocol.objective_for(cfg, method, mask, tr.y, n_classes).to(tr.x2.device)
     # CE + KL without a mask (the reference default) by its closed-form gradient, everything else by autograd
-    return fit_objective(student, tr.x2, tr.y, objective=objective, teacher_out=teacher_train,
-                         closed_form=cfg["train"]["closed_form"], desc=desc, **_train_cfg(cfg))
+    return dispatch.train(student, tr.x2, tr.y, objective=objective, teacher_out=teacher_train,
+                          closed_form=cfg["train"]["closed_form"], desc=desc, **_train_cfg(cfg))
 
 
 def nontarget_divergence(z_s, z_t, y, variant) -> torch.Tensor:
@@ -150,18 +141,17 @@ def algorithm1(cfg: dict, sweep: Sweep, variant: str, log=print) -> dict:
     teacher = two_layer_nn(x_dim, hidden, n_classes, sweep.groups, seeds_t).to(tr.x1.device)
     student = two_layer_nn(tr.x2.shape[1], hidden, n_classes, sweep.groups, seeds_s).to(tr.x1.device)
 
-    def joint_loss(z):
-        z_t, z_s = z
-        return (cross_entropy_sum(z_t, tr.y) + cross_entropy_sum(z_s, tr.y)
-                + a["distance_weight"] * nontarget_divergence(z_s, z_t, tr.y, variant).sum())
+    def joint_loss(z_t, z_s, y):
+        return (cross_entropy_sum(z_t, y) + cross_entropy_sum(z_s, y)
+                + a["distance_weight"] * nontarget_divergence(z_s, z_t, y, variant).sum())
 
-    # the textbook JS has a closed-form gradient (common.synthetic.fastfit.joint_ncjsd_grad); the reference's goes by autograd
-    loss = ({"grad_fn": joint_ncjsd_grad(tr.y, n_classes, a["distance_weight"])}
-            if variant == "textbook" and cfg["train"].get("closed_form", True) else {"loss_fn": joint_loss})
-    sweep.timed("alg1_joint", lambda: fit(
-        [teacher, student], [tr.x1, tr.x2], epochs=a["epochs"], lr=a["lr"], momentum=a["momentum"],
+    # the textbook JS has a closed-form gradient (fastfit.joint_ncjsd_grad); the reference's goes by autograd
+    closed = variant == "textbook" and cfg["train"]["closed_form"]
+    sweep.timed("alg1_joint", lambda: dispatch.joint_train(
+        teacher, student, tr.x1, tr.x2, tr.y, grad=joint_ncjsd_grad(tr.y, n_classes, a["distance_weight"]) if closed
+        else None, loss_fn=joint_loss, epochs=a["epochs"], lr=a["lr"], momentum=a["momentum"],
         chunk=cfg["train"]["chunk_runs"], progress=cfg["progress"], desc="alg1 joint training",
-        engine=cfg["train"]["engine"], **loss))
+        engine=cfg["train"]["engine"]))
     gen = torch.Generator().manual_seed(cfg["seed"])
     # common.saliency at place "input"; `alg1.rank1` builds the permuted copies by a rank-1 update of the first
     # layer's output (same numbers and permutations as copying the input, several times faster)
@@ -198,17 +188,14 @@ def gather_columns(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 
 
 def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
-    """The whole sweep: in this process, or cut into blocks of runs over `workers` processes (common.synthetic.parallel, CPU);
-    then the tables, correlations and timings of all runs."""
-    started, cpu_started = time.perf_counter(), time.process_time()
-    parts, workers = parallel.run_sweep_blocks(sweep_block, cfg, device, log)
-    block = parallel.concat_runs([{k: v for k, v in p.items() if "timings" not in k} for p in parts])
-    for key in ("timings", "cpu_timings"):   # stage seconds summed over the blocks
-        block[key] = {k: sum(p[key][k] for p in parts) for k in parts[0][key]}
+    """The whole sweep: in this process, or cut into blocks of runs over `workers` processes (CPU); then the tables,
+    correlations and timings of all runs."""
+    cpu_started = time.process_time()
+    block, workers, seconds = sweep_protocol.run_blocks(sweep_block, cfg, device, log)
     cpu = time.process_time() - cpu_started
     if workers > 1:   # the workers' CPU time is not this process's
         cpu += sum(block["cpu_timings"].values())
-    return summarize(cfg, block, time.perf_counter() - started, cpu, log, workers)
+    return summarize(cfg, block, seconds, cpu, log, workers)
 
 
 def sweep_block(cfg: dict, first_run: int = 0, device: torch.device | str = "cpu", log=None) -> dict:
@@ -280,51 +267,35 @@ def sweep_block(cfg: dict, first_run: int = 0, device: torch.device | str = "cpu
 def summarize(cfg: dict, block: dict, seconds: float, cpu_seconds: float, log=print, workers: int = 1) -> dict:
     """Rows (one per loss, mask, γ: means over runs), Deltas, the NTDH rank correlations and the stage timings of the
     per-run results of `sweep_block` (one block, or the concatenation of all)."""
-    settings, sal = block["settings"], block["saliency"]
-    teacher_acc, no_kd_acc = block["teacher_acc"], block["no_kd_acc"]
-    R = teacher_acc.shape[1]
-    rows, per_run = [], {}
-    for key, res in block["per_run"].items():
-        method, mask = key.split("/")
-        delta = (res["kd_acc"] - no_kd_acc) * 100
-        per_run[key] = {**res, "delta": delta, "delta_masked": (res["masked_student_acc"] - no_kd_acc) * 100}
-        for s, setting in enumerate(settings):
-            rows.append({"loss": method, "mask": mask, "gamma": setting["gamma"],
-                         "overlap_dim": setting["overlap_dim"], "runs": R,
-                         "teacher_acc": teacher_acc[s].mean(), "no_kd_acc": no_kd_acc[s].mean(),
-                         "kd_acc": res["kd_acc"][s].mean(), "delta_mean": delta[s].mean(),
-                         "delta_std": delta[s].std(), "ncjsd": res["ncjsd"][s].mean(),
-                         "cmd_input": block["cmd_input"][s].mean(),
-                         "masked_teacher_acc": block["masked_teacher_acc"][s].mean(),
-                         "masked_student_acc": res["masked_student_acc"][s].mean(),
-                         "saliency_hits_x1": sal["hits_x1"][s].mean(), "saliency_hits_x2": sal["hits_x2"][s].mean()})
-        log(format_table([r for r in rows if r["loss"] == method and r["mask"] == mask], method, mask,
-                         cfg["alg1"]["mask_dim"]))
-    correlations = {key: spearman_summary(v["ncjsd"], v["delta"]) for key, v in per_run.items()}
-    for key, c in correlations.items():
-        log(f"NTDH check {key}: Spearman ρ(non-target JS, Delta) = {c['rho']:+.3f} over {c['n']} runs "
-            f"(p = {c['p']:.2g}); over the γ means ρ = {c['rho_means']:+.3f}")
+    sal, no_kd_acc = block["saliency"], block["no_kd_acc"]
+
+    def extra(key, res, s):
+        return {"cmd_input": block["cmd_input"][s].mean(), "masked_teacher_acc": block["masked_teacher_acc"][s].mean(),
+                "masked_student_acc": res["masked_student_acc"][s].mean(),
+                "saliency_hits_x1": sal["hits_x1"][s].mean(), "saliency_hits_x2": sal["hits_x2"][s].mean()}
+
+    out = sweep_protocol.kd_rows(block, extra, lambda rows, method, mask: format_table(
+        rows, method, mask, cfg["alg1"]["mask_dim"]), log)
+    for res in out["per_run"].values():
+        res["delta_masked"] = (res["masked_student_acc"] - no_kd_acc) * 100
     timings, cpu_timings = block["timings"], block["cpu_timings"]
     threads = cfg["threads"] or torch.get_num_threads()
     log("time per stage (s, wall / CPU" + (", summed over the workers" if workers > 1 else "") + "): "
         + ", ".join(f"{k} {v:.1f} / {cpu_timings[k]:.1f}" for k, v in timings.items())
         + f"; total {seconds:.1f} s wall, {cpu_seconds:.1f} s CPU ({workers} process(es), "
         f"{threads} thread(s) each)")
-    return {"rows": rows, "per_run": per_run, "correlations": correlations, "settings": settings,
-            "saliency": sal, "mode": cfg["alg1"]["mode"], "mask_dim": cfg["alg1"]["mask_dim"],
-            "teacher_acc": teacher_acc, "no_kd_acc": no_kd_acc, "masked_teacher_acc": block["masked_teacher_acc"],
-            "timings": timings, "cpu_timings": cpu_timings, "seconds": seconds, "cpu_seconds": cpu_seconds,
-            "threads": threads, "workers": workers}
+    return {**out, "saliency": sal, "mode": cfg["alg1"]["mode"], "mask_dim": cfg["alg1"]["mask_dim"],
+            "teacher_acc": block["teacher_acc"], "no_kd_acc": no_kd_acc,
+            "masked_teacher_acc": block["masked_teacher_acc"], "timings": timings, "cpu_timings": cpu_timings,
+            "seconds": seconds, "cpu_seconds": cpu_seconds, "threads": threads, "workers": workers}
 
 
 def format_table(rows: list[dict], method: str, mask: str, mask_dim: int) -> str:
-    head = (f"\n{method} (mask {mask}), {rows[0]['runs']} runs\n"
-            f"{'gamma':>6} {'teacher':>8} {'no-KD':>8} {'KD':>8} {'Delta (pts)':>15} {'nc-JS':>8} {'CMD in':>8} "
-            f"{'mask-T':>8} {'mask-S':>8} {'hits x1':>8} {'hits x2':>8}")
-    lines = [head, "-" * len(head.splitlines()[-1])]
-    for r in rows:
-        lines.append(f"{r['gamma']:6.2f} {r['teacher_acc']:8.4f} {r['no_kd_acc']:8.4f} {r['kd_acc']:8.4f} "
-                     f"{r['delta_mean']:+7.2f} ± {r['delta_std']:5.2f} {r['ncjsd']:8.5f} {r['cmd_input']:8.2f} "
-                     f"{r['masked_teacher_acc']:8.4f} {r['masked_student_acc']:8.4f} "
-                     f"{r['saliency_hits_x1']:5.2f}/{mask_dim} {r['saliency_hits_x2']:5.2f}/{mask_dim}")
-    return "\n".join(lines)
+    f4 = lambda key: (lambda r: f"{r[key]:.4f}")
+    columns = [("gamma", 6, lambda r: f"{r['gamma']:.2f}"), ("teacher", 8, f4("teacher_acc")),
+               ("no-KD", 8, f4("no_kd_acc")), ("KD", 8, f4("kd_acc")), ("Delta (pts)", 15, sweep_protocol.delta_cell),
+               ("nc-JS", 8, lambda r: f"{r['ncjsd']:.5f}"), ("CMD in", 8, lambda r: f"{r['cmd_input']:.2f}"),
+               ("mask-T", 8, f4("masked_teacher_acc")), ("mask-S", 8, f4("masked_student_acc")),
+               ("hits x1", 8, lambda r: f"{r['saliency_hits_x1']:5.2f}/{mask_dim}"),
+               ("hits x2", 8, lambda r: f"{r['saliency_hits_x2']:5.2f}/{mask_dim}")]
+    return sweep_protocol.format_table(rows, f"{method} (mask {mask})", columns)

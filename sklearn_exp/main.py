@@ -16,7 +16,7 @@ if str(HERE.parent) not in sys.path:  # run as a script without an install: make
 import torch  # noqa: E402
 
 from common import config as C  # noqa: E402
-from common.synthetic import fastfit, native  # noqa: E402
+from common.synthetic import fastfit, native, sweep  # noqa: E402
 from common.run import RunDir, cli, seed_everything  # noqa: E402
 from sklearn_exp import experiment, report  # noqa: E402
 
@@ -24,79 +24,46 @@ from sklearn_exp import experiment, report  # noqa: E402
 def parse_args(argv=None):
     p = C.base_parser(__doc__.splitlines()[0])
     p.set_defaults(out=str(HERE / "runs"))
-    p.add_argument("--runs", type=int, help="independent runs (seeds) per γ")
-    p.add_argument("--losses", help="comma-separated KD methods from kd.methods, or 'all'")
-    p.add_argument("--masks", help="comma-separated masks: none, omega")
+    sweep.add_flags(p, "reproduce the reference's number-changing behaviours (scaler leak, same data every run, "
+                       "identical Alg.1 init, reversed JS, ω not detached)")
     p.add_argument("--mode", help="Algorithm-1 selection: alg1, random or reverse")
     p.add_argument("--mask-dim", type=int, dest="mask_dim", help="teacher (x1) columns kept by Algorithm 1")
-    p.add_argument("--workers", type=int, help="processes the runs are split over (CPU), one torch thread each")
-    p.add_argument("--parity", action="store_const", const=True,
-                   help="reproduce the reference's number-changing behaviours (scaler leak, same data every run, "
-                        "identical Alg.1 init, reversed JS, ω not detached)")
     return p.parse_args(argv)
 
 
 def resolve_config(args) -> dict:
     defaults = HERE / "config.yaml"
-    methods = [k for k in C.load_yaml(defaults)["kd"]["methods"] if k != "_open"]
-    if args.losses is not None:
-        args.losses = methods if args.losses.strip() == "all" else [s.strip() for s in args.losses.split(",") if s.strip()]
-    if args.masks is not None:
-        args.masks = [s.strip() for s in args.masks.split(",") if s.strip()]
-    cfg = C.resolve(defaults, args, {"runs": "runs", "losses": "kd.losses", "masks": "kd.masks", "mode": "alg1.mode",
-                                     "mask_dim": "alg1.mask_dim", "parity": "parity", "workers": "workers"})
+    sweep.split_lists(args, [k for k in C.load_yaml(defaults)["kd"]["methods"] if k != "_open"])
+    cfg = C.resolve(defaults, args, {**sweep.FLAGS, "mode": "alg1.mode", "mask_dim": "alg1.mask_dim"})
     validate(cfg)
     return cfg
 
 
 def validate(cfg: dict) -> None:
-    kd, d, a = cfg["kd"], cfg["data"], cfg["alg1"]
-    unknown = [m for m in kd["losses"] if m not in kd["methods"]]
-    if unknown or not kd["losses"]:
-        raise C.ConfigError(f"kd.losses: unknown method(s) {unknown or '(none given)'}; known: {', '.join(kd['methods'])}")
-    bad = [m for m in kd["masks"] if m not in ("none", "omega")]
-    if bad or not kd["masks"]:
-        raise C.ConfigError(f"kd.masks: unknown mask(s) {bad or '(none given)'}; expected none or omega")
-    if a["mode"] not in experiment.MODES:
-        raise C.ConfigError(f"alg1.mode: expected one of {', '.join(experiment.MODES)}, got {a['mode']!r}")
-    if not 1 <= a["mask_dim"] <= d["x_dim"]:
+    """What the declared `_checks` of config.yaml cannot say, as one-line ConfigErrors before anything is written."""
+    d, a = cfg["data"], cfg["alg1"]
+    sweep.check_methods(cfg)
+    if a["mask_dim"] > d["x_dim"]:
         raise C.ConfigError(f"alg1.mask_dim must lie in [1, data.x_dim={d['x_dim']}], got {a['mask_dim']}")
-    if cfg["runs"] < 1:
-        raise C.ConfigError(f"runs must be ≥ 1, got {cfg['runs']}")
     if not d["overlaps"] or any(not isinstance(o, int) or not 0 <= o <= d["fixed_dim"] for o in d["overlaps"]):
         raise C.ConfigError(f"data.overlaps must be integers in [0, fixed_dim={d['fixed_dim']}], got {d['overlaps']}")
     if 2 * d["fixed_dim"] > min(d["x_dim"], d["n_features"]):
         raise C.ConfigError(f"data: 2·fixed_dim={2 * d['fixed_dim']} real columns do not fit in x_dim={d['x_dim']} "
                             f"/ n_features={d['n_features']}")
-    if d["n_classes"] < 3:
-        raise C.ConfigError(f"data.n_classes must be ≥ 3 (the non-target JS needs 3 classes), got {d['n_classes']}")
-    if not 0 < d["test_size"] < 1:
-        raise C.ConfigError(f"data.test_size must lie in (0, 1), got {d['test_size']}")
-    if d["scaler_fit"] not in ("train", "all"):
-        raise C.ConfigError(f"data.scaler_fit: expected train or all, got {d['scaler_fit']!r}")
-    if cfg["analysis"]["ncjsd_split"] not in ("train", "test"):
-        raise C.ConfigError(f"analysis.ncjsd_split: expected train or test, got {cfg['analysis']['ncjsd_split']!r}")
-    if cfg["analysis"]["js_variant"] not in ("textbook", "reference"):
-        raise C.ConfigError(f"analysis.js_variant: expected textbook or reference, got {cfg['analysis']['js_variant']!r}")
     problem = fastfit.engine_problem(cfg["train"]["engine"])
     if problem:
         raise C.ConfigError(f"train.engine: {problem}")
-    if cfg["threads"] < 0:
-        raise C.ConfigError(f"threads must be ≥ 0 (0 = torch's default), got {cfg['threads']}")
-    if cfg["workers"] < 1:
-        raise C.ConfigError(f"workers must be ≥ 1 (processes the runs are split over), got {cfg['workers']}")
-    for key in ("train.epochs", "alg1.epochs", "alg1.repeats", "alg1.chunk_channels", "alg1.group_chunk",
-                "train.chunk_runs", "model.hidden"):
-        if C.get(cfg, key) < 1:
-            raise C.ConfigError(f"{key} must be ≥ 1, got {C.get(cfg, key)}")
 
 
 def run(cfg: dict, out: str | Path, device: str = "auto") -> tuple[RunDir, dict]:
     """Run the sweep into a new run directory; returns it and the results."""
     dev = C.resolve_device(device)
-    if cfg["threads"] > 0:
-        torch.set_num_threads(cfg["threads"])
     seed_everything(cfg["seed"], cfg["deterministic"])
+    with sweep.threads(cfg):
+        return _run(cfg, out, dev)
+
+
+def _run(cfg: dict, out, dev: torch.device) -> tuple[RunDir, dict]:
     rd = RunDir.create(out, cfg["name"], config=cfg, code_from=HERE)
     rd.log(f"run directory {rd.path}")
     # described (and the kernel loaded) here, before run_sweep forks its workers

@@ -5,6 +5,7 @@ objective  a common.kd Objective whose terms are the fused ones where they exist
 train      full-batch SGD of a BatchedLinear stack (common.synthetic.fastfit): a closed-form logit gradient when the
            objective has one (CE, CE + KL without a mask), run by the C kernel (common.synthetic.native) or torch
            according to `engine`; autograd on the logits for every other objective.
+joint_train  Algorithm 1's step 1: a closed-form joint gradient on fastfit, or the reference joint_train.
 saliency   Algorithm 1's step 2: the rank-1 path of common.synthetic.rank1 for a stack of BatchedLinear layers at
            its input, else the reference, common.saliency.saliency_vector.
 gauss and sklearn_exp import from here, not from the modules behind it.
@@ -16,6 +17,7 @@ from torch import nn
 
 from common.kd import method_objective
 from common.synthetic import fastfit, fused, rank1
+from common.saliency import joint_train as reference_joint_train
 from common.saliency import saliency_vector
 
 
@@ -44,3 +46,17 @@ def saliency(teacher: nn.Module, student: nn.Module, x_t: torch.Tensor, x_s: tor
         return rank1.stack_saliency(layers, student, x_t, x_s, y, group_chunk=group_chunk, **kwargs)
     return saliency_vector(teacher, student, [(x_t, x_s, y)], "input", batch_dim=2, channel_dim=1, class_dim=1,
                            **kwargs)
+
+
+def joint_train(net_a: nn.Module, net_b: nn.Module, x_a: torch.Tensor, x_b: torch.Tensor, y: torch.Tensor, *,
+                grad, loss_fn, epochs: int, lr: float, momentum: float, engine: str = "auto", chunk: int | None = None,
+                progress: bool = False, desc: str | None = None) -> None:
+    """Algorithm 1's step 1 for two BatchedLinear stacks on one full batch in the runs layout: by the closed-form
+    logit gradient `grad` (a fastfit.LogitGrad) when there is one, on fastfit's `engine`; else the reference,
+    common.saliency.joint_train, with loss_fn(out_a, out_b, y) summed over runs. The same updates either way."""
+    if grad is not None:
+        fastfit.fit([net_a, net_b], [x_a, x_b], epochs=epochs, lr=lr, momentum=momentum, grad_fn=grad, chunk=chunk,
+                    progress=progress, desc=desc, engine=engine)
+        return
+    reference_joint_train(net_a, net_b, lambda: [(x_a, x_b, y)], epochs=epochs, lr=lr, momentum=momentum,
+                          loss_fn=loss_fn, class_dim=1, progress=progress)

@@ -5,9 +5,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
-from common.config import load_yaml
+from common.config import ConfigError, load_yaml
 from gauss import experiment
 from gauss import main as gauss_main
 
@@ -70,7 +71,7 @@ def test_vectorised_equals_one_run_alone():
 def test_cli_bad_input_is_one_line(tmp_path):
     for extra, needle in [(["--set", "train.lrr=1"], "unknown key 'train.lrr'"),
                           (["--losses", "kll"], "unknown method"),
-                          (["--masks", "sometimes"], "unknown mask")]:
+                          (["--masks", "sometimes"], "kd.masks")]:
         proc = subprocess.run([sys.executable, str(ROOT / "gauss" / "main.py"), "--out", str(tmp_path), *extra],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr
@@ -108,3 +109,22 @@ def test_runs_split_over_worker_processes_give_the_same_numbers():
         assert a["loss"] == b["loss"] and a["mask"] == b["mask"] and a["runs"] == b["runs"] == 3
         for col in ("teacher_acc", "no_kd_acc", "kd_acc", "delta_mean", "ncjsd", "cmd_input", "cmd_output"):
             assert abs(a[col] - b[col]) < 1e-5, (a["loss"], a["mask"], col)
+
+
+BAD_HYPERPARAMETERS = [
+    (["--set", "train.lr=.nan"], "finite"), (["--set", "train.lr=.inf"], "train.lr"), (["--set", "train.lr=-0.1"], "train.lr"),
+    (["--set", "train.lr=0"], "train.lr"), (["--set", "train.epochs=0"], "train.epochs"), (["--runs", "0"], "runs"),
+    (["--set", "kd.methods.kl.kl.temperature=0"], "temperature"), (["--losses", "nope"], "unknown method"),
+    (["--masks", "none,sometimes"], "kd.masks"), (["--set", "kd.methods.kl.kl.tau=1"], "unknown option(s) tau"),
+    (["--set", "kd.methods.kl.kl.reduction=sum"], "reduction"), (["--engine", "fast"], "train.engine"),
+    (["--set", "kd.methods.kl={foo: {weight: 1.0}}"], "unknown KD loss 'foo'"),
+]
+
+
+@pytest.mark.parametrize("argv,needle", BAD_HYPERPARAMETERS, ids=[" ".join(a) for a, _ in BAD_HYPERPARAMETERS])
+def test_bad_hyperparameters_are_config_errors(argv, needle):
+    """Issue 15 items 4 and 9: non-finite / out-of-range hyper-parameters, unknown loss, option or mask → one
+    ConfigError line naming the key, at config time (the CLI turns it into `error: ...`, exit 2)."""
+    with pytest.raises(ConfigError) as err:
+        gauss_main.resolve_config(gauss_main.parse_args(argv))
+    assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)

@@ -144,7 +144,7 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert "unknown key 'train.lrr'" in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert not any(tmp_path.iterdir())  # nothing written
     for extra, needle in [(["--mode", "best"], "alg1.mode"), (["--mask-dim", "60"], "mask_dim"),
-                          (["--losses", "kll"], "unknown method"), (["--masks", "sometimes"], "unknown mask"),
+                          (["--losses", "kll"], "unknown method"), (["--masks", "sometimes"], "kd.masks"),
                           (["--set", "data.overlaps=[25]"], "data.overlaps"), (["--runs", "0"], "runs")]:
         with pytest.raises(ConfigError, match=needle):
             sk_main.resolve_config(sk_main.parse_args(extra))
@@ -197,3 +197,22 @@ def test_native_and_torch_engines_give_the_same_sweep():
     np.testing.assert_array_equal(res["native"]["saliency"]["kept_x1"], res["torch"]["saliency"]["kept_x1"])
     with pytest.raises(ConfigError, match="train.engine"):
         cfg_with(["--set", "train.engine=fast"])
+
+
+BAD_HYPERPARAMETERS = [
+    (["--set", "train.lr=.nan"], "finite"), (["--set", "train.lr=.inf"], "train.lr"), (["--set", "train.lr=-0.1"], "train.lr"),
+    (["--set", "train.lr=0"], "train.lr"), (["--set", "train.epochs=0"], "train.epochs"), (["--runs", "0"], "runs"),
+    (["--set", "kd.methods.kl.kl.temperature=0"], "temperature"), (["--losses", "nope"], "unknown method"),
+    (["--masks", "none,sometimes"], "kd.masks"), (["--set", "kd.methods.kl.kl.tau=1"], "unknown option(s) tau"),
+    (["--set", "kd.methods.kl.kl.reduction=sum"], "reduction"), (["--engine", "fast"], "train.engine"),
+    (["--set", "kd.methods.kl={foo: {weight: 1.0}}"], "unknown KD loss 'foo'"),
+]
+
+
+@pytest.mark.parametrize("argv,needle", BAD_HYPERPARAMETERS, ids=[" ".join(a) for a, _ in BAD_HYPERPARAMETERS])
+def test_bad_hyperparameters_are_config_errors(argv, needle):
+    """Issue 15 items 4 and 9: non-finite / out-of-range hyper-parameters, unknown loss, option or mask → one
+    ConfigError line naming the key, at config time (the CLI turns it into `error: ...`, exit 2)."""
+    with pytest.raises(ConfigError) as err:
+        sk_main.resolve_config(sk_main.parse_args(argv))
+    assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)

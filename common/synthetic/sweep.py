@@ -1,0 +1,159 @@
+"""The sweep protocol gauss and sklearn_exp share: flags → config checks → the sweep cut into blocks of runs (worker
+processes) → per-run results → rows (one per KD method, mask and setting), Deltas, the NTDH rank correlations and
+the terminal tables.
+
+The experiments supply what differs: how a block of runs is trained (`block_fn`), the extra columns of a row, the
+table's columns. Everything else is here, once.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from common import config as C
+from common.kd import available_losses
+from common.kd.base import loss_class
+from common.metrics import spearman_summary
+from common.synthetic import dispatch, parallel
+
+MASKS = ("none", "omega")
+#: flag dest → dotted config key, for common.config.resolve
+FLAGS = {"runs": "runs", "losses": "kd.losses", "masks": "kd.masks", "parity": "parity", "workers": "workers",
+         "engine": "train.engine"}
+
+
+def add_flags(p: argparse.ArgumentParser, parity_help: str) -> None:
+    """The flags every synthetic sweep takes."""
+    p.add_argument("--runs", type=int, help="independent runs (seeds) per setting")
+    p.add_argument("--losses", help="comma-separated KD methods from kd.methods, or 'all'")
+    p.add_argument("--masks", help="comma-separated masks: none, omega")
+    p.add_argument("--workers", type=int, help="processes the runs are split over (CPU), one torch thread each")
+    p.add_argument("--engine", help="trainer of the closed-form losses: auto, native or torch")
+    p.add_argument("--parity", action="store_const", const=True, help=parity_help)
+
+
+def split_lists(args: argparse.Namespace, methods: Sequence[str]) -> None:
+    """--losses / --masks as lists ('all' = every method of the defaults)."""
+    if args.losses is not None:
+        args.losses = list(methods) if args.losses.strip() == "all" else \
+            [s.strip() for s in args.losses.split(",") if s.strip()]
+    if args.masks is not None:
+        args.masks = [s.strip() for s in args.masks.split(",") if s.strip()]
+
+
+def check_methods(cfg: dict) -> None:
+    """kd.losses name entries of kd.methods, each built of registered terms with options they accept (one-line
+    ConfigErrors); the masks themselves are declared in the config's _checks."""
+    kd = cfg["kd"]
+    if not kd["losses"] or not kd["masks"]:
+        raise C.ConfigError("kd.losses and kd.masks must not be empty")
+    unknown = [m for m in kd["losses"] if m not in kd["methods"]]
+    if unknown:
+        raise C.ConfigError(f"kd.losses: unknown method(s) {unknown}; known: {', '.join(kd['methods'])}")
+    for method in kd["losses"]:
+        for term, options in kd["methods"][method].items():
+            options = dict(options or {})
+            name = options.pop("loss", term)
+            where = f"kd.methods.{method}.{term}"
+            if name not in available_losses():
+                raise C.ConfigError(f"{where}: unknown KD loss {name!r}; available: {', '.join(available_losses())}")
+            accepted = set(inspect.signature(loss_class(name).__init__).parameters) - {"self", "runs"}
+            bad = sorted(set(options) - accepted - {"weight", "input"})
+            if bad:
+                raise C.ConfigError(f"{where}: unknown option(s) {', '.join(bad)} for loss {name!r}; it accepts "
+                                    f"{', '.join(sorted(accepted))}")
+        try:  # the terms' own value checks (e.g. kl reduction), on a tiny stand-in of the data
+            context = {"student_dim": 2, "teacher_dim": 2, "n_data": 4, "dataset_labels": torch.tensor([0, 1, 0, 1])}
+            dispatch.objective(kd, method, "none", runs=1, context=context)
+        except (TypeError, ValueError) as err:
+            raise C.ConfigError(f"kd.methods.{method}: {err}") from None
+
+
+def objective_for(cfg: dict, method: str, mask: str, train_y: torch.Tensor, n_classes: int):
+    """The Objective of one (method, mask) for every group of a sweep, with what only the sweep knows (its sizes and
+    training labels (G, N)); ω not detached under parity (the reference's behaviour)."""
+    context = {"student_dim": n_classes, "teacher_dim": n_classes, "n_data": train_y.shape[1],
+               "dataset_labels": train_y}
+    return dispatch.objective(cfg["kd"], method, mask, detach_omega=not cfg["parity"], runs=train_y.shape[0],
+                              context=context)
+
+
+def threads(cfg: dict):
+    """Context: cfg["threads"] torch threads (0: torch's default) while a sweep runs; the caller's count after."""
+    class _Threads:
+        def __enter__(self):
+            self.before = torch.get_num_threads()
+            if cfg["threads"]:
+                torch.set_num_threads(cfg["threads"])
+
+        def __exit__(self, *exc):
+            torch.set_num_threads(self.before)   # process-wide: give the caller (tests, reproduce) its own back
+    return _Threads()
+
+
+def run_blocks(block_fn: Callable, cfg: dict, device: torch.device, log=print) -> tuple[dict, int, float]:
+    """All runs of a sweep: block_fn(cfg, first_run, device, log) in this process or over cfg["workers"] CPU
+    processes (common.synthetic.parallel); returns the blocks' per-run results concatenated along the runs axis
+    (timing dicts summed), the number of processes and the wall-clock seconds."""
+    started = time.perf_counter()
+    parts, workers = parallel.run_sweep_blocks(block_fn, cfg, device, log)
+    block = parallel.concat_runs([{k: v for k, v in p.items() if "timings" not in k} for p in parts])
+    for key in ("timings", "cpu_timings"):   # stage seconds summed over the blocks
+        if key in parts[0]:
+            block[key] = {k: sum(p[key][k] for p in parts) for k in parts[0][key]}
+    return block, workers, time.perf_counter() - started
+
+
+def kd_rows(block: dict, row_extra: Callable[[str, dict, int], dict], table: Callable[[list[dict], str, str], str],
+            log=print) -> dict:
+    """Rows (one per method, mask and setting: means over runs), Deltas and the NTDH rank correlations of the per-run
+    results of a sweep. block: settings, teacher_acc, no_kd_acc ((S, R) arrays) and per_run {"method/mask": {kd_acc,
+    ncjsd, ...}}; row_extra(key, res, s) gives the experiment's own columns of row s; table(rows, method, mask) the
+    text logged per (method, mask)."""
+    settings, teacher_acc, no_kd_acc = block["settings"], block["teacher_acc"], block["no_kd_acc"]
+    rows, per_run = [], {}
+    for key, res in block["per_run"].items():
+        method, mask = key.split("/")
+        delta = (res["kd_acc"] - no_kd_acc) * 100
+        per_run[key] = {**res, "delta": delta}
+        for s, setting in enumerate(settings):
+            rows.append({"loss": method, "mask": mask, **setting, "runs": teacher_acc.shape[1],
+                         "teacher_acc": teacher_acc[s].mean(), "no_kd_acc": no_kd_acc[s].mean(),
+                         "kd_acc": res["kd_acc"][s].mean(), "delta_mean": delta[s].mean(),
+                         "delta_std": delta[s].std(), "ncjsd": res["ncjsd"][s].mean(), **row_extra(key, res, s)})
+        log(table([r for r in rows if r["loss"] == method and r["mask"] == mask], method, mask))
+    correlations = {key: spearman_summary(v["ncjsd"], v["delta"]) for key, v in per_run.items()}
+    for key, c in correlations.items():
+        log(f"NTDH check {key}: Spearman ρ(non-target JS, Delta) = {c['rho']:+.3f} over {c['n']} runs "
+            f"(p = {c['p']:.2g}); over the γ means ρ = {c['rho_means']:+.3f}")
+    return {"rows": rows, "per_run": per_run, "correlations": correlations, "settings": settings}
+
+
+def format_table(rows: list[dict], title: str, columns: Sequence[tuple[str, int, Callable[[dict], str]]]) -> str:
+    """A terminal table: title line, a header of right-aligned column names, a rule, one line per row.
+    columns: (header, width, cell(row) → text)."""
+    head = " ".join(f"{name:>{width}}" for name, width, _ in columns)
+    lines = [f"\n{title}, {rows[0]['runs']} runs", head, "-" * len(head)]
+    lines += [" ".join(f"{cell(r):>{width}}" for _, width, cell in columns) for r in rows]
+    return "\n".join(lines)
+
+
+def delta_cell(r: dict) -> str:
+    return f"{r['delta_mean']:+7.2f} ± {r['delta_std']:5.2f}"
+
+
+def ntdh_paragraphs(results: dict, sym: str, note: str = "") -> list[str]:
+    """The report's "Delta vs non-target JS" paragraph of every (method, mask), numbers from the run."""
+    lines = []
+    for key, c in results["correlations"].items():
+        means = results["per_run"][key]["ncjsd"].mean(1)
+        lines += [f"**Delta vs non-target JS, {key}.** Over all {c['n']} runs the Spearman rank correlation between "
+                  f"the teacher–KD-student non-target JS and Delta is ρ = {c['rho']:+.3f} (p = {c['p']:.2g}); over "
+                  f"the {sym} means ρ = {c['rho_means']:+.3f}. The mean divergence ranges from {means.min():.4f} to "
+                  f"{means.max():.4f} across {sym}. NTDH predicts a negative ρ: the smaller the non-target "
+                  f"divergence, the larger the KD gain.{note}", ""]
+    return lines
