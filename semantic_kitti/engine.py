@@ -40,14 +40,18 @@ def open_run_dir(path: Path, resume: bool, main: bool) -> RunDir:
     disabled RunDir on the same path."""
     if main and not resume:
         base, i = path, 0
-        path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            try:
-                path.mkdir()
-                break
-            except FileExistsError:
-                i += 1
-                path = base.with_name(f"{base.name}_{i}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            while True:
+                try:
+                    path.mkdir()
+                    break
+                except FileExistsError:
+                    i += 1
+                    path = base.with_name(f"{base.name}_{i}")
+        except OSError as e:
+            raise DataError(f"{path}: cannot create the experiment directory ({e.strerror or e}); choose another "
+                            f"save_path / --out") from None
     path = Path(ddp.broadcast_object(str(path)))
     if not main:
         return RunDir(path, enabled=False)

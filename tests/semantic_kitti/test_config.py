@@ -64,3 +64,4 @@ def test_imagenet_weights_offline_say_how(monkeypatch):
     with pytest.raises(DataError, match=r"could not fetch the resnet18 ImageNet weights \(Name or service not known\); "
                                         r"offline, download https://download.pytorch.org/models/resnet18-f37072fd.pth"):
         models.CameraNet(3, 20, "resnet18", "torchvision", log=lambda *_: None)
+

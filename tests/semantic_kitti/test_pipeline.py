@@ -204,3 +204,12 @@ def test_report_section_from_the_demo_summaries(demo_run, tmp_path):
     assert all(p.stat().st_size > 1000 for p in pngs)
     assert "| best epoch | val mIoU (best) | val mIoU (last epoch) |" in text and "ω < 1" in text
     assert "nan" not in text.lower()
+
+
+def test_unwritable_save_path_is_a_one_line_error(demo_run, tmp_path, capsys):
+    root, _ = demo_run
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(SystemExit) as e:
+        cli(lambda: sk_main.main(tiny(root, f"save_path={tmp_path / 'file' / 'exp'}", demo=False)))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and "cannot create the experiment directory" in err
