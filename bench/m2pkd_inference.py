@@ -3,8 +3,8 @@ features once per distinct spectrogram, then the GRU over 5-frame chunks with th
 loop (each 5-frame chunk pushed through both CNNs — one spectrogram per frame — and the GRU in turn).
 Prints "ratio = ours / baseline" (wall-clock time, < 1 means ours is faster), measured in one run.
 
-On CUDA it runs the full-size model (112 px, VGG19-BN, ResNet18 on 128 x 44) on 1500 frames; without a GPU it says
-so and measures CPU at a reduced size (the demo's model sizes, 500 frames).
+On CUDA it runs the full-size model (112 px, VGG19-BN, ResNet18 on 112 px spectrogram images) on 1500 frames;
+without a GPU it says so and measures CPU at a reduced size (the demo's model sizes, 150 frames).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from common.config import load_yaml, merge  # noqa: E402
-from m2pkd import data as D, models as M, train as T  # noqa: E402
+from m2pkd import data as D, models as M, trainer as T  # noqa: E402
 from m2pkd.pipeline import CONFIG, DEMO_CONFIG  # noqa: E402
 
 
@@ -46,9 +46,11 @@ def main():
     n = 1500 if cuda else 150
     m, s = cfg["model"], cfg["model"]["input_size"]
     torch.manual_seed(0)
-    width = D.full_segment_frames(cfg)
+    # the audio input of audio.format: the spectrogram picture (3 x input_size^2) or the dB matrix (1 x mels x frames)
+    jpg = cfg["audio"]["format"] == "jpg"
+    spec_shape = (3, s, s) if jpg else (1, cfg["audio"]["n_mels"], D.full_segment_frames(cfg))
     rec = D.Recording("bench", torch.randint(0, 255, (n, 3, s, s), dtype=torch.uint8), torch.arange(n) // 25,
-                      torch.rand((n + 24) // 25, 1, cfg["audio"]["n_mels"], width), torch.rand(n))
+                      torch.rand((n + 24) // 25, *spec_shape), torch.rand(n))
     model = M.TeacherModel(m).to(device).eval()
     chunk = cfg["train"]["eval_chunk"]
 

@@ -1,4 +1,5 @@
-"""Step 2b: segments -> log-mel dB matrices specs/<rec>/<n>_<rec>.npy (the reference's .jpg rendering with audio.format=jpg or --parity).
+"""Step 2b: segments -> log-mel spectrogram pictures specs/<rec>/<n>_<rec>.jpg (the reference's audio_melspec.py:
+librosa specshow, magma), or the dB matrices <n>_<rec>.npy with audio.format=npy. Exits 2 if a recording failed.
 
     python audio_melspec.py --data RECOLA_ROOT [--work DIR] [--set key=value ...]
 """

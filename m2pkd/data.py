@@ -120,8 +120,9 @@ def read_arff(path) -> tuple[np.ndarray, np.ndarray]:
             row = int(np.flatnonzero(bad.to_numpy())[0])
             raise DataError(f"{path}: expected a number in {name} of @data row {row + 1}, got {df[name].iloc[row]!r}")
         cols[name] = col.to_numpy(np.float64)
-    if np.isnan(cols["frameTime"]).any():
-        raise DataError(f"{path}: frameTime missing in @data row {int(np.flatnonzero(np.isnan(cols['frameTime']))[0]) + 1}")
+    gaps = np.flatnonzero(np.isnan(cols["frameTime"]))
+    if len(gaps):
+        raise DataError(f"{path}: frameTime missing in @data row {int(gaps[0]) + 1}")
     return cols["frameTime"], cols["GoldStandard"]
 
 
@@ -364,6 +365,22 @@ def _base_faces():
     return faces
 
 
+def _demo_wav(rng: np.random.RandomState, tr: dict, d: dict, step: float) -> np.ndarray:
+    """Audio of one demo recording: a tone whose pitch and loudness follow arousal, a band whose level and pitch
+    follow valence, constant noise (the loudness shows as the SNR, since the spectrogram's dB are re its maximum)."""
+    sr = d["wav_rate"]
+    n = int(round(d["seconds"] * sr))
+    t = np.arange(n) / sr
+    grid_t = np.arange(len(tr["arousal"])) * step
+    a = np.interp(t, grid_t, tr["arousal"])
+    v = np.interp(t, grid_t, tr["valence"])
+    phase = 2 * np.pi * np.cumsum(500.0 * 2 ** (1.5 * a)) / sr
+    y = 0.25 * 10 ** (1.2 * a) * (np.sin(phase) + 0.5 * np.sin(2 * phase) + 0.25 * np.sin(3 * phase))
+    y += 0.2 * 10 ** (1.5 * v) * np.sin(2 * np.pi * np.cumsum(3000.0 * 2 ** (1.0 * v)) / sr)
+    y += d["audio_noise"] * rng.normal(0, 1, n)
+    return (0.9 * y / max(np.abs(y).max(), 1e-6)).astype(np.float32)
+
+
 def make_demo(root, cfg, seed: int | None = None) -> Path:
     """Write a small RECOLA-layout tree: videos (mp4v) whose faces follow the traces weakly and noisily (brightness
     follows arousal, size valence), wavs whose pitch and loudness follow arousal and whose high band follows valence
@@ -413,19 +430,6 @@ def make_demo(root, cfg, seed: int | None = None) -> Path:
             frame = np.clip(frame + rng.normal(0, 4, frame.shape), 0, 255).astype(np.uint8)
             vw.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
         vw.release()
-        # audio: tone (pitch and loudness follow arousal) + a band whose level follows valence + constant noise
-        n = int(round(d["seconds"] * sr))
-        t = np.arange(n) / sr
-        grid_t = np.arange(n_grid + 1) * step
-        a = np.interp(t, grid_t, tr["arousal"])
-        v = np.interp(t, grid_t, tr["valence"])
-        f0 = 500.0 * 2 ** (1.5 * a)
-        phase = 2 * np.pi * np.cumsum(f0) / sr
-        amp = 0.25 * 10 ** (1.2 * a)
-        y = amp * (np.sin(phase) + 0.5 * np.sin(2 * phase) + 0.25 * np.sin(3 * phase))
-        f1 = 3000.0 * 2 ** (1.0 * v)
-        y += 0.2 * 10 ** (1.5 * v) * np.sin(2 * np.pi * np.cumsum(f1) / sr)
-        y += d["audio_noise"] * rng.normal(0, 1, n)
-        y = (0.9 * y / max(np.abs(y).max(), 1e-6)).astype(np.float32)
+        y = _demo_wav(rng, tr, d, step)
         sf.write(root / "recordings_audio" / f"{rec}.wav", y, sr)
     return root

@@ -1,4 +1,5 @@
-"""Step 1: MTCNN face crops every 40 ms -> Cropped_Aligned/<rec>/image<j>.jpg (black frame, or the last face with --frame-retention).
+"""Step 1: MTCNN face crops every 40 ms -> Cropped_Aligned/<rec>/image<j>.jpg (no face: a black frame, or the last
+face with --frame-retention). Exits 2 naming the first failure if any recording could not be processed.
 
     python face_detector.py --data RECOLA_ROOT [--work DIR] [--set key=value ...]
 """

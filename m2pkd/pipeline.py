@@ -190,9 +190,8 @@ def demo_summary(cfg, results: dict, root) -> dict:
                 m, sd = _mean_sd(rows[s][col] for s in seeds)
                 entry[col] = {"per_seed": {str(s): rows[s][col] for s in seeds}, "mean": m, "sd": sd}
             per[dim][name] = entry
-            table.append({"dim": dim, "model": name, **{f"{c}_{k}": entry[c][k] for c in
-                                                          ("dev_raw", "dev_authors", "dev_avec") for k in ("mean", "sd")},
-                          **{f"dev_raw_seed{s}": rows[s]["dev_raw"] for s in seeds}})
+            cols = {f"{c}_{k}": entry[c][k] for c in ("dev_raw", "dev_authors", "dev_avec") for k in ("mean", "sd")}
+            table.append({"dim": dim, "model": name, **cols, **{f"dev_raw_seed{s}": rows[s]["dev_raw"] for s in seeds}})
         base = models["baseline"]
         for name in (n for n in models if n.startswith("student_")):
             diff = [models[name][s]["dev_raw"] - base[s]["dev_raw"] for s in seeds]

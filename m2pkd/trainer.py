@@ -265,6 +265,8 @@ def fit(cfg: dict, role: str, out, device, resume=None) -> tuple[RunDir, dict]:
         raise ConfigError(f"train.checkpoint_every: expected a multiple of train.val_every "
                           f"({cfg['train']['val_every']}), got {cfg['train']['checkpoint_every']}")
     require_weights(cfg, role)
+    if role == "student":
+        objective_for(cfg)  # an unknown KD term or option is refused before the run directory is made
     sp = splits(cfg)
     seed_everything(cfg["seed"], cfg["deterministic"])
     rd, resuming = open_run(cfg, role, out, resume)
