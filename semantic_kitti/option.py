@@ -1,5 +1,6 @@
-"""The typed, validated view of the YAML (the reference's `Option`): `Option(cfg)` checks every value the trainers
-rely on and raises a one-line ConfigError naming the key; the full dict stays available as `.config`."""
+"""The typed view of the YAML (the reference's `Option`, semanticKITTI/option.py): `Option(cfg)` checks what the
+declared `_checks` cannot (shapes, divisibility, relations) and raises a one-line ConfigError naming the key; the
+full dict stays available as `.config`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

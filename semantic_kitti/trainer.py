@@ -272,7 +272,9 @@ class Trainer:
         selected = self.validate(self.selector.best_epoch or 0, collect=True)
         self._log_val(f"Selected (epoch {self.selector.best_epoch}, best val IOU)", selected, c["n_epochs"])
         seconds = time.perf_counter() - started
-        self.log(f"{self.prefix}total cost time {seconds:.1f} s")
+        last = self.val_history[-1] if self.val_history else {"epoch": None, "IOU": float("nan")}
+        self.log(f"{self.prefix}>>> best epoch {self.selector.best_epoch}: val IOU {selected['IOU']:.4f}; last epoch "
+                 f"{last['epoch']}: val IOU {last['IOU']:.4f}; total cost time {seconds:.1f} s")
         return self._summary(selected, self.val_history[-1] if self.val_history else None, seconds)
 
     def _log_val(self, what: str, r: dict, epoch: int, note: str = "") -> None:
