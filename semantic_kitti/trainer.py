@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from common import ddp, ntd
-from common.config import ConfigError, save_yaml
+from common.config import ConfigError, DataError, save_yaml
 from common.metrics import ConfusionMatrix
 from common.run import copy_code, load_checkpoint
 from common.schedules import warmup_cosine
@@ -105,7 +105,11 @@ class Trainer:
                                selector=self.selector, log=self.elog, **self.extra_state())
         self.start_epoch, self.val_history = 0, []
         if resume:
-            state = self.ckpt.load(device) if self.ckpt.exists() else {"epoch": 0}
+            seen = ddp.all_gather_object(self.ckpt.exists())
+            if any(seen) and not all(seen):
+                raise DataError(f"{self.ckpt.path}: not visible from every node; resuming on several nodes needs "
+                                f"save_path on a file system they share")
+            state = self.ckpt.load(device) if all(seen) else {"epoch": 0}
             self.start_epoch, self.val_history = state["epoch"], list(state.get("val_history", []))
             self.log(f"{self.prefix}resumed {self.rd.path} after epoch {self.start_epoch}")
         if not self.cuda and (c["train"]["amp"] or c["train"]["channels_last"]):
