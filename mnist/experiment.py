@@ -55,6 +55,12 @@ class Setup:
 
 
 def _splits(cfg: dict, pair: D.Pair, log) -> dict:
+    limit = cfg["data"]["max_train"]
+    if 0 < limit < len(pair.train):
+        # the subset is holdout_split's stratified carve-out of `limit` digits (its other part is not used)
+        keep = holdout_split(len(pair.train), limit / len(pair.train), cfg["seed"] + 7, pair.train.labels)[1]
+        log(f"data.max_train: a stratified subset of {len(keep)} of the {len(pair.train)} training digits")
+        pair = D.Pair(pair.train.subset(keep), pair.test, pair.source)
     if cfg["parity"]:
         # NTDH MNIST/dataloader/dataset.py gen_data: the "val" loader is the test split, so selection happens on test.
         log("parity: model selection on the test split, as the reference (no validation split)")

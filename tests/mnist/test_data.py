@@ -272,3 +272,17 @@ def test_download_failure_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="data.source download failed") as e:
         D.load_pair(cfg, tmp_path)
     assert "\n" not in str(e.value)
+
+
+def test_max_train_keeps_a_stratified_subset(dataset):
+    from mnist import experiment as E
+    from mnist import main as M
+    cfg, _ = M.resolve_config(M.parse_args(["--data-root", str(dataset), "--set", f"data.backgrounds={dataset / 'bg'}",
+                                            "--set", "data.max_train=100", "--set", "data.val_fraction=0.2"]))
+    pair = D.load_pair(cfg["data"], Path("."))
+    splits = E._splits(cfg, pair, log=lambda m: None)
+    assert len(splits["train"]) + len(splits["val"]) == 100 and len(splits["test"]) == 64
+    counts = np.bincount(np.concatenate([splits["train"].labels, splits["val"].labels]), minlength=10)
+    assert counts.min() >= 7  # every class keeps its share (160 digits, ~16 per class, subset 100)
+    full = E._splits({**cfg, "data": {**cfg["data"], "max_train": 0}}, pair, log=lambda m: None)
+    assert len(full["train"]) + len(full["val"]) == 160
