@@ -189,6 +189,12 @@ def evaluate(model, recs: list[D.Recording], cfg, device) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # the loop
 
+def clip_generator(cfg, role: str) -> torch.Generator:
+    """The clip sampler's generator: the baseline and the student of one seed draw the same clips in the same order
+    (a fair comparison of KD against no KD); the teacher has its own."""
+    return loader_generator(cfg["seed"], "teacher" if role == "teacher" else "visual")
+
+
 def train_step(st: dict, cfg, role: str, step: int, device) -> dict:
     """One optimisation step on a fresh batch of clips; returns the step's loss parts (tensors, for EpochLog)."""
     t, model = cfg["train"], st["model"]
@@ -283,7 +289,7 @@ def _fit(cfg, role, rd, resuming, sp, device) -> dict:
     load = lambda names: [D.load_recording(cfg, r, dim) for r in names]
     st = build(cfg, role, device, log)
     st.update(train_recs=load(sp["train"]), sel_recs=load(sp["selection"]), order=[],
-              gen=loader_generator(cfg["seed"], "visual" if role != "teacher" else "teacher"),
+              gen=clip_generator(cfg, role),
               selector=Selector("max"), log=EpochLog(rd, "train"))
     st["ckpt"] = Checkpoint(rd.checkpoint_dir / "train_state.pth", model=st["model"], optimizer=st["optimizer"],
                             generator=st["gen"], selector=st["selector"], epoch_log=st["log"],

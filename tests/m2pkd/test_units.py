@@ -224,3 +224,18 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and err.startswith("error:") and needle in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())   # no run dir left behind
+
+
+def test_baseline_and_student_draw_the_same_clips():
+    cfg = demo_cfg()
+    recs = [D.Recording(f"r{i}", torch.randint(0, 255, (40, 3, 32, 32), dtype=torch.uint8), torch.arange(40) // 25,
+                        torch.rand(2, 3, 32, 32), torch.rand(40)) for i in range(3)]
+
+    def clips(role, seed=0):
+        gen, order = T.clip_generator({**cfg, "seed": seed}, role), []
+        torch.manual_seed(123)   # whatever ran before (e.g. another model's initialisation) does not matter
+        return [D.sample_clips(recs, 4, 5, gen, order)[3] for _ in range(5)]
+
+    base, student = clips("baseline"), clips("student")
+    assert all(torch.equal(a, b) for a, b in zip(base, student))
+    assert not all(torch.equal(a, b) for a, b in zip(base, clips("baseline", seed=1)))
