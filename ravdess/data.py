@@ -282,4 +282,5 @@ def datasets(root: str | Path, cfg: dict) -> dict[str, AudioImageDataset]:
 def eval_loaders(root: str | Path, cfg: dict, device) -> dict[str, DataLoader]:
     """{'train','val','test'} in file order (for evaluation and the saliency): nothing shuffled."""
     d = cfg["data"]
-    return {s: make_loader(ds, d["batch_size"], False, d["num_workers"], device) for s, ds in datasets(root, cfg).items()}
+    return {s: make_loader(ds, d["batch_size"], False, d["num_workers"], device)
+            for s, ds in datasets(root, cfg).items()}

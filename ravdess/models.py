@@ -1,4 +1,5 @@
-"""AudioNet (teacher) and ImageNet (student) of spec §5.2, with the intervention places as named submodules.
+"""AudioNet (teacher) and ImageNet (student) of the reference's ravdess/utils/model.py (identical in MFH and NTDH),
+with the intervention places as named submodules.
 
 Place → submodule whose output is intervened on (common.saliency hooks, channel axis 1):
     0 "input" (the model's input), 1 "stage1", 2 "stage2", 3 "stage3" (after each conv + ReLU + pool),

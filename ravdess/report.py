@@ -49,7 +49,7 @@ def section(results: dict, cfg: dict, rel_to: Path) -> str:
         f"Step-1 nets: audio teacher val / test accuracy {acc['teacher_val_acc']:.3f} / {acc['teacher_test_acc']:.3f}, "
         f"image student (trained jointly, with labels) {acc['student_val_acc']:.3f} / {acc['student_test_acc']:.3f} "
         f"(chance 0.125).", "",
-        X.markdown_table(rows), "",
+        X.markdown_table(rows, results.get("baseline")), "",
         f"![saliency]({rel(cal['plot'])})", "",
         f"**Saliency vector.** {sal.size} channels of the teacher's place {t['place']}; before normalisation the "
         f"permutation distance ranges from {raw.min():.4g} to {raw.max():.4g}. After min-max normalisation the median "
@@ -63,8 +63,18 @@ def section(results: dict, cfg: dict, rel_to: Path) -> str:
         + ("" if second is None else
            (f", ahead of mode {second['mode']} by more than the run-to-run spread" if clear else
             f", but within the run-to-run spread of mode {second['mode']} ({n['test']} test clips, {runs} runs)"))
-        + "; MFH expects mode 1.", ""]
+        + "; MFH expects mode 1." + _versus_baseline(rows, results.get("baseline")), "",
+        f"*Results {results['features_note']}.*" if results.get("features_note") else "", ""]
     return "\n".join(lines)
+
+
+def _versus_baseline(rows: list[dict], base: dict | None) -> str:
+    if not base:
+        return ""
+    better = [r["mode"] for r in rows if r["test_mean"] > base["test_mean"]]
+    return (f" The no-KD baseline (CE only, the same initial weights and batches) reaches {base['test_mean']:.3f} ± "
+            f"{base['test_std']:.3f}; " + (f"mode(s) {', '.join(map(str, better))} beat it on average."
+                                          if better else "no removal mode beats it on average."))
 
 
 def reproduce(results_dir: Path, device: str = "auto") -> str:
