@@ -140,3 +140,29 @@ def test_mfh_default_reduction_and_the_ntdh_preset():
     assert (ntdh["tag"]["epochs"], ntdh["eval"]["epochs"], ntdh["data"]["batch_size2"]) == (40, 40, 256)
     assert (ntdh["eval"]["mode"], ntdh["eval"]["fill"], ntdh["kd"]["distill"]) == (0, "zero", "hint")
     assert ntdh["kd"]["methods"]["hint"]["kl"]["reduction"] == "batchmean"
+
+
+def test_step1_interrupted_resumes_to_the_same_nets(features, cfg, tmp_path):
+    train = D.AudioImageDataset(features[0], cfg, "train")
+    c = {**cfg, "tag": {**cfg["tag"], "epochs": 3}, "data": {**cfg["data"], "batch_size": 2}}  # 2 steps per epoch
+
+    def nets():
+        torch.manual_seed(0)
+        return models.build(c)
+
+    def stop(epoch, step):  # mid-epoch: the half epoch done is lost, the checkpoint of epoch 1 is used
+        if (epoch, step) == (2, 2):
+            raise RuntimeError("injected interruption")
+
+    whole_t, whole_s = nets()
+    whole = T.joint_fit(whole_t, whole_s, train, cfg=c, device="cpu", rd=RunDir.create(tmp_path, "a"))
+    rd = RunDir.create(tmp_path, "b")
+    with pytest.raises(RuntimeError, match="injected"):
+        T.joint_fit(*nets(), train, cfg=c, device="cpu", rd=rd, on_step=stop)
+    assert Checkpoint(rd.checkpoint_dir / "joint.pth").exists()
+    assert load_checkpoint(rd.checkpoint_dir / "joint.pth")["epoch"] == 1
+    teacher, student = nets()
+    resumed = T.joint_fit(teacher, student, train, cfg=c, device="cpu", rd=rd)
+    assert resumed == whole and len(whole) == 3
+    for a, b in ((whole_t, teacher), (whole_s, student)):
+        assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
