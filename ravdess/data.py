@@ -101,24 +101,28 @@ def read_split(root: Path, cfg: dict, split: str) -> list[tuple[str, str, int]]:
     path = split_csv(root, cfg, split)
     if not path.is_file():
         raise DataError(f"{path}: split file not found (expected a CSV: audio file, image file, label 0..7)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); expected a CSV: audio file, image file, label") \
+            from None
     rows = []
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise DataError(f"{path}: empty file, expected a header row and rows (audio file, image file, label)")
-        for line, row in enumerate(reader, start=2):
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) < 3:
-                raise DataError(f"{path}:{line}: expected 3 columns (audio file, image file, label), got {row}")
-            try:
-                label = int(row[2])
-            except ValueError:
-                raise DataError(f"{path}:{line}: label must be an integer 0..7, got {row[2]!r}") from None
-            if not 0 <= label < len(EMOTIONS):
-                raise DataError(f"{path}:{line}: label must be in 0..7, got {label}")
-            rows.append((row[0].strip(), row[1].strip(), label))
+    reader = csv.reader(text.splitlines())
+    header = next(reader, None)
+    if header is None:
+        raise DataError(f"{path}: empty file, expected a header row and rows (audio file, image file, label)")
+    for line, row in enumerate(reader, start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) < 3:
+            raise DataError(f"{path}:{line}: expected 3 columns (audio file, image file, label), got {row}")
+        try:
+            label = int(row[2])
+        except ValueError:
+            raise DataError(f"{path}:{line}: label must be an integer 0..7, got {row[2]!r}") from None
+        if not 0 <= label < len(EMOTIONS):
+            raise DataError(f"{path}:{line}: label must be in 0..7, got {label}")
+        rows.append((row[0].strip(), row[1].strip(), label))
     if not rows:
         raise DataError(f"{path}: no samples (expected rows: audio file, image file, label)")
     return rows
@@ -140,8 +144,8 @@ def load_audio_array(path: Path, cfg: dict) -> np.ndarray:
         a = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise DataError(f"{path}: audio feature file not found") from None
-    except (ValueError, OSError) as e:
-        raise DataError(f"{path}: not a readable .npy array ({e})") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{path}: not a readable .npy array ({type(e).__name__}: {e})") from None
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
     if a.shape != (d["n_mels"], d["frames"]) or not np.issubdtype(a.dtype, np.number):

@@ -141,3 +141,13 @@ def test_a_workers_error_is_its_one_line(features, cfg, tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(str(root / "aud_features" / aud)) and "non-finite value nan" in msg
     assert "Traceback" not in msg and "Caught DataError" not in msg
+
+
+def test_zero_byte_npy_and_non_utf8_csv_are_one_line_errors(tmp_path, cfg):
+    (tmp_path / "empty.npy").write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty.npy: not a readable .npy array \(EOFError"):
+        D.load_audio_array(tmp_path / "empty.npy", cfg)
+    (tmp_path / "data_file").mkdir()
+    (tmp_path / "data_file" / "spa_dl.csv").write_bytes("audio,image,label\nä.npy,x.png,1\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"spa_dl.csv: not UTF-8 text \(byte 18\)"):
+        D.read_split(tmp_path, cfg, "train")
