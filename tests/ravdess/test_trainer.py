@@ -166,3 +166,20 @@ def test_step1_interrupted_resumes_to_the_same_nets(features, cfg, tmp_path):
     assert resumed == whole and len(whole) == 3
     for a, b in ((whole_t, teacher), (whole_s, student)):
         assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_a_run_being_written_cannot_be_resumed_by_a_second_process(tmp_path):
+    from common.config import DataError
+    args = M.parse_args(["--eval_tag", "--out", str(tmp_path)])
+    cfg = M.resolve_config(args)
+    first = M.open_run(cfg, args, tmp_path)
+    try:
+        again = M.parse_args(["--eval_tag", "--out", str(tmp_path), "--resume", str(first.path)])
+        with pytest.raises(DataError, match="in use by another process"):
+            M.open_run(cfg, again, tmp_path)
+        other = M.parse_args(["--cal_tag", "--out", str(tmp_path), "--resume", str(first.path)])
+        with pytest.raises(ConfigError, match="was not started by this command"):
+            M.open_run(cfg, other, tmp_path)
+    finally:
+        first.close()
+    M.open_run(cfg, again, tmp_path).close()  # free again once the first has finished
