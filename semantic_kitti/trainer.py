@@ -274,17 +274,18 @@ class Trainer:
                 self.ckpt.save(epoch=epoch, val_history=self.val_history)
         self.selector.restore(self.net)
         selected = self.validate(self.selector.best_epoch or 0, collect=True)
-        self._log_val(f"Selected (epoch {self.selector.best_epoch}, best val IOU)", selected, c["n_epochs"])
+        self._log_val(f"Selected (epoch {self.selector.best_epoch}, best val IOU)", selected, None)
         seconds = time.perf_counter() - started
         last = self.val_history[-1] if self.val_history else {"epoch": None, "IOU": float("nan")}
         self.log(f"{self.prefix}>>> best epoch {self.selector.best_epoch}: val IOU {selected['IOU']:.4f}; last epoch "
                  f"{last['epoch']}: val IOU {last['IOU']:.4f}; total cost time {seconds:.1f} s")
         return self._summary(selected, self.val_history[-1] if self.val_history else None, seconds)
 
-    def _log_val(self, what: str, r: dict, epoch: int, note: str = "") -> None:
+    def _log_val(self, what: str, r: dict, epoch: int | None, note: str = "") -> None:
+        """The val line and per-class table; per-class TensorBoard scalars for an epoch's validation."""
         self.log(f"{self.prefix}>>> {what} Loss {r['Loss']:.4f} IOU {r['IOU']:.4f} Precision {r['Precision']:.4f} "
                  f"Recall {r['Recall']:.4f} ({r['pixels']} pixels, all ranks){note}\n{E.per_class_table(r)}")
-        for name, v in r["per_class"].items():
+        for name, v in ([] if epoch is None else r["per_class"].items()):
             self.rd.scalar(f"{self.role}_val_class/{name}_IOU", v["IOU"], epoch)
 
     def _summary(self, selected: dict, last: dict | None, seconds: float) -> dict:
