@@ -47,9 +47,10 @@ def section(results: dict, cfg: dict, run_dir: Path, rel_to: Path) -> str:
         lines.append(f"| {names.get(m, m)} | {r['val_mean']:.4f} | {r['test_mean']:.4f} ± {r['test_std']:.4f} | "
                      f"{r['teacher_acc']['test']:.4f} |")
     lines.append(f"| no KD (CE only) | {bl['val_mean']:.4f} | {bl['test_mean']:.4f} ± {bl['test_std']:.4f} | – |")
-    lines += ["", f"Joint (Algorithm-1) nets, test accuracy: teacher ({cfg['stu_type'] == 0 and 'MNIST' or 'MNIST-M'}) "
-              f"{cal['teacher_acc']['test']:.4f}, student {cal['student_acc']['test']:.4f}; the unmodified saliency "
-              f"teacher has test accuracy {ev['teacher_acc']['test']:.4f}.", "",
+    lines += ["", f"Test accuracy of the KD teacher ({cfg['teacher']}, on "
+              f"{cfg['stu_type'] == 0 and 'MNIST' or 'MNIST-M'}) {cal['teacher_acc']['test']:.4f} and of the joint "
+              f"(Algorithm-1) student {cal['student_acc']['test']:.4f}; the unmodified saliency teacher has test "
+              f"accuracy {ev['teacher_acc']['test']:.4f}.", "",
               f"![student accuracy by mode]({rel(bars.name)})", ""]
     best = max(modes, key=lambda m: modes[m]["test_mean"])
     spread = max(modes[m]["test_std"] for m in modes)
