@@ -134,16 +134,90 @@ def identification(columns: list[np.ndarray], ks: list[int]) -> np.ndarray:
     return np.array([np.isin(np.arange(k), c).mean() for c, k in zip(columns, ks)])
 
 
-def run_table(cfg: dict, device: torch.device, log=print) -> dict:
-    """Train everything and return {"rows", "per_run", "settings", "seconds"}."""
-    started = time.perf_counter()
-    d, m, R = cfg["data"], cfg["modify"], cfg["runs"]
-    seeds = [cfg["seed"] + r for r in range(R)]
+def mode_columns(cfg: dict, train: data.Split, ks: list[int]) -> tuple[dict, dict]:
+    """Which x1 columns each mode keeps, per (setting, run) group (ks: the shared dims of each group), and Alg. 1's
+    identification accuracy of the x1 (and x2) columns (None when alg1 is not among the modes)."""
+    d, R, S = cfg["data"], cfg["runs"], len(cfg["data"]["xs2_dims"])
+    columns: dict[str, list[np.ndarray]] = {}
+    id_acc = {"x1": None, "x2": None}
+    for mode in cfg["modify"]["modes"]:
+        if mode == "random":
+            columns[mode] = [random_columns(cfg, k, r) for k in d["xs2_dims"] for r in range(R)]
+        elif mode == "gt":
+            columns[mode] = [np.arange(k) for k in ks]
+        else:
+            sal_x1, sal_x2 = algorithm1(cfg, train, S, cfg["progress"])
+            columns[mode] = top_columns(sal_x1, ks)
+            id_acc["x1"] = identification(columns[mode], ks)
+            if sal_x2 is not None:
+                id_acc["x2"] = identification(top_columns(sal_x2, ks), ks)
+    return columns, id_acc
+
+
+def table_rows(method: str, mask: str, res: dict, modes, xs2s, gammas, id_acc: dict, runs: int) -> list[dict]:
+    """The rows of one (method, mask): one per (mode, xs2), means and stds over the runs of res's (M, S, R) arrays."""
+    rows = []
+    for i, mode in enumerate(modes):
+        for s, k in enumerate(xs2s):
+            ids = {f"alg1_{x}_id_acc": (id_acc[x].reshape(len(xs2s), runs)[s].mean()
+                                        if mode == "alg1" and id_acc[x] is not None else None)
+                   for x in ("x1", "x2")}
+            rows.append({"loss": method, "mask": mask, "mode": mode, "xs2_dim": k, "gamma": gammas[s],
+                         "runs": runs, **{c: res[c][i, s].mean() for c in CSV_COLUMNS[6:11]},
+                         "teacher_diff_mean": res["teacher_diff"][i, s].mean(),
+                         "teacher_diff_std": res["teacher_diff"][i, s].std(),
+                         "student_diff_mean": res["student_diff"][i, s].mean(),
+                         "student_diff_std": res["student_diff"][i, s].std(), **ids})
+    return rows
+
+
+def modality_general_teachers(cfg: dict, kd_train: data.Split, test: data.Split, columns: dict, n_classes: int,
+                              device) -> tuple:
+    """One teacher per (mode, setting, run) group on its mode's x1 columns (zero-padded to the widest selection):
+    its training inputs and labels, its test accuracy per group and its outputs on the training inputs."""
+    t, modes = cfg["train"], cfg["modify"]["modes"]
+    all_columns = [c for mode in modes for c in columns[mode]]
+    mg_train = select_columns(kd_train.x1.repeat(len(modes), 1, 1), all_columns)
+    mg_test = select_columns(test.x1.repeat(len(modes), 1, 1), all_columns)
+    mg_y = kd_train.y.repeat(len(modes), 1)
+    seeds = seeds_for(cfg, len(modes) * len(cfg["data"]["xs2_dims"]), "mg_teacher")
+    mg_teacher = linear(mg_train.shape[1], n_classes, seeds, [len(c) for c in all_columns]).to(device)
+    dispatch.train(mg_teacher, mg_train, mg_y, epochs=t["epochs"], lr=t["lr"], momentum=t["momentum"],
+                   desc="modality-general teachers", progress=cfg["progress"], engine=t["engine"])
+    with torch.no_grad():
+        acc = accuracy(mg_teacher(mg_test), test.y.repeat(len(modes), 1)).detach().cpu().numpy()
+        return mg_train, mg_y, acc, mg_teacher(mg_train)
+
+
+def splits(cfg: dict, device) -> tuple[data.Split, data.Split, data.Split]:
+    """Training, test and KD-stage training data of every (setting, run) group, setting-major."""
+    d = cfg["data"]
+    seeds = [cfg["seed"] + r for r in range(cfg["runs"])]
     trains, tests, freshes = data.modify_gamma(seeds, d["xs2_dims"], n_train=d["n_train"], n_test=d["n_test"],
                                                x1_dim=d["x1_dim"], x2_dim=d["x2_dim"], xs1_dim=d["xs1_dim"],
                                                a_dim=d["a_dim"], decision=d["decision"])
     train, test = data.concat(trains).to(device), data.concat(tests).to(device)
-    kd_train = data.concat(freshes).to(device) if d["fresh_train"] else train
+    return train, test, (data.concat(freshes).to(device) if d["fresh_train"] else train)
+
+
+def result_arrays(regular_teacher_acc, mg_teacher_acc, no_kd_acc, regular_kd_acc, mg_kd_acc, shape) -> dict:
+    """Per-run results of one (method, mask) as (modes, settings, runs) arrays, and the differences in points."""
+    modes, settings, runs = shape
+    res = {"regular_teacher_acc": np.broadcast_to(regular_teacher_acc.reshape(settings, runs), shape),
+           "mg_teacher_acc": mg_teacher_acc.reshape(shape),
+           "no_kd_acc": np.broadcast_to(no_kd_acc.reshape(settings, runs), shape),
+           "regular_kd_acc": np.broadcast_to(regular_kd_acc.reshape(settings, runs), shape),
+           "mg_kd_acc": mg_kd_acc.reshape(shape)}
+    res["teacher_diff"] = (res["mg_teacher_acc"] - res["regular_teacher_acc"]) * 100
+    res["student_diff"] = (res["mg_kd_acc"] - res["regular_kd_acc"]) * 100
+    return res
+
+
+def run_table(cfg: dict, device: torch.device, log=print) -> dict:
+    """Train everything and return {"rows", "per_run", "settings", "seconds"}."""
+    started = time.perf_counter()
+    d, m, R = cfg["data"], cfg["modify"], cfg["runs"]
+    train, test, kd_train = splits(cfg, device)
     xs2s, S, modes, progress = d["xs2_dims"], len(d["xs2_dims"]), m["modes"], cfg["progress"]
     ks = [k for k in xs2s for _ in range(R)]                       # shared dims per group, setting-major
     gammas = [k / (d["xs1_dim"] + k) for k in xs2s]               # shared / teacher's decisive dims
@@ -154,9 +228,9 @@ def run_table(cfg: dict, device: torch.device, log=print) -> dict:
 
     def train_model(x, role, n_settings, desc, objective=None, teacher_out=None, widths=None):
         model = linear(x.shape[1], n_classes, seeds_for(cfg, n_settings, role), widths).to(device)
-        return dispatch.train(model, x, kd_train.y if role != "teacher" else train.y, epochs=t["epochs"], lr=t["lr"],
-                   momentum=t["momentum"], objective=objective, teacher_out=teacher_out, desc=desc,
-                   progress=progress, engine=t["engine"])
+        return dispatch.train(model, x, kd_train.y if role != "teacher" else train.y, epochs=t["epochs"],
+                              lr=t["lr"], momentum=t["momentum"], objective=objective, teacher_out=teacher_out,
+                              desc=desc, progress=progress, engine=t["engine"])
 
     per_group = lambda v: v.detach().cpu().numpy()
     teacher = train_model(train.x1, "teacher", S, "regular teacher")
@@ -165,31 +239,10 @@ def run_table(cfg: dict, device: torch.device, log=print) -> dict:
         regular_teacher_acc = per_group(accuracy(teacher(test.x1), test.y))
         no_kd_acc = per_group(accuracy(baseline(test.x2), test.y))
 
-    # which x1 columns each mode keeps, per (mode, setting, run) group, mode-major
-    columns: dict[str, list[np.ndarray]] = {}
-    id_acc = {"x1": None, "x2": None}
-    for mode in modes:
-        if mode == "random":
-            columns[mode] = [random_columns(cfg, k, r) for k in xs2s for r in range(R)]
-        elif mode == "gt":
-            columns[mode] = [np.arange(k) for k in ks]
-        else:
-            sal_x1, sal_x2 = algorithm1(cfg, train, S, progress)
-            columns[mode] = top_columns(sal_x1, ks)
-            id_acc["x1"] = identification(columns[mode], ks)
-            if sal_x2 is not None:
-                id_acc["x2"] = identification(top_columns(sal_x2, ks), ks)
-    all_columns = [c for mode in modes for c in columns[mode]]
-    widths = [len(c) for c in all_columns]
-    mg_train = select_columns(kd_train.x1.repeat(len(modes), 1, 1), all_columns)
-    mg_test = select_columns(test.x1.repeat(len(modes), 1, 1), all_columns)
-    mg_y = kd_train.y.repeat(len(modes), 1)
-    mg_teacher = linear(mg_train.shape[1], n_classes, seeds_for(cfg, len(modes) * S, "mg_teacher"), widths).to(device)
-    dispatch.train(mg_teacher, mg_train, mg_y, epochs=t["epochs"], lr=t["lr"], momentum=t["momentum"],
-        desc="modality-general teachers", progress=progress, engine=t["engine"])
+    columns, id_acc = mode_columns(cfg, train, ks)
+    mg_train, mg_y, mg_teacher_acc, mg_teacher_out = modality_general_teachers(cfg, kd_train, test, columns,
+                                                                               n_classes, device)
     with torch.no_grad():
-        mg_teacher_acc = per_group(accuracy(mg_teacher(mg_test), test.y.repeat(len(modes), 1)))
-        mg_teacher_out = mg_teacher(mg_train)
         # parity (spec §12 item 18): the reference's "regular KD" feeds x2 to the teacher and trains the student on x1
         regular_in_t, regular_in_s = (kd_train.x2, kd_train.x1) if cfg["parity"] else (kd_train.x1, kd_train.x2)
         regular_teacher_out = teacher(regular_in_t)
@@ -207,32 +260,16 @@ def run_table(cfg: dict, device: torch.device, log=print) -> dict:
             objective = experiment.objective_for(cfg, method, mask, stage_b, n_classes).to(device)
             mg_student = linear(d["x2_dim"], n_classes, seeds_for(cfg, len(modes) * S, "mg_student")).to(device)
             dispatch.train(mg_student, stage_b.train.x2, mg_y, epochs=t["epochs"], lr=t["lr"], momentum=t["momentum"],
-                          objective=objective, teacher_out=mg_teacher_out, desc=f"{key} modality-general KD",
-                          progress=progress, engine=t["engine"])
+                           objective=objective, teacher_out=mg_teacher_out, desc=f"{key} modality-general KD",
+                           progress=progress, engine=t["engine"])
             with torch.no_grad():
                 regular_kd_acc = per_group(accuracy(student(test.x2), test.y))
                 mg_kd_acc = per_group(accuracy(mg_student(test.x2.repeat(len(modes), 1, 1)),
                                                test.y.repeat(len(modes), 1)))
-            shape = (len(modes), S, R)
-            res = {"regular_teacher_acc": np.broadcast_to(regular_teacher_acc.reshape(S, R), shape),
-                   "mg_teacher_acc": mg_teacher_acc.reshape(shape),
-                   "no_kd_acc": np.broadcast_to(no_kd_acc.reshape(S, R), shape),
-                   "regular_kd_acc": np.broadcast_to(regular_kd_acc.reshape(S, R), shape),
-                   "mg_kd_acc": mg_kd_acc.reshape(shape)}
-            res["teacher_diff"] = (res["mg_teacher_acc"] - res["regular_teacher_acc"]) * 100
-            res["student_diff"] = (res["mg_kd_acc"] - res["regular_kd_acc"]) * 100
+            res = result_arrays(regular_teacher_acc, mg_teacher_acc, no_kd_acc, regular_kd_acc, mg_kd_acc,
+                                (len(modes), S, R))
             per_run[key] = res
-            for i, mode in enumerate(modes):
-                for s, k in enumerate(xs2s):
-                    ids = {f"alg1_{x}_id_acc": (id_acc[x].reshape(S, R)[s].mean()
-                                                if mode == "alg1" and id_acc[x] is not None else None)
-                           for x in ("x1", "x2")}
-                    rows.append({"loss": method, "mask": mask, "mode": mode, "xs2_dim": k, "gamma": gammas[s],
-                                 "runs": R, **{c: res[c][i, s].mean() for c in CSV_COLUMNS[6:11]},
-                                 "teacher_diff_mean": res["teacher_diff"][i, s].mean(),
-                                 "teacher_diff_std": res["teacher_diff"][i, s].std(),
-                                 "student_diff_mean": res["student_diff"][i, s].mean(),
-                                 "student_diff_std": res["student_diff"][i, s].std(), **ids})
+            rows += table_rows(method, mask, res, modes, xs2s, gammas, id_acc, R)
             log(format_table([r for r in rows if r["loss"] == method and r["mask"] == mask], method, mask,
                              cfg["parity"]))
     settings = [{"xs2_dim": k, "gamma": g} for k, g in zip(xs2s, gammas)]

@@ -30,11 +30,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from common.synthetic import native
+from common.train import check_finite, due
 from common.kd.logit import KLDistill
 from common.kd.objective import CrossEntropy
 from common.synthetic.vectorized import BatchedLinear
 
 ENGINES = ("auto", "native", "torch")
+CHECK_EVERY = 50   # epochs between two non-finite checks of a training (and one after the last)
 
 
 def engine_problem(engine: str) -> str | None:
@@ -235,7 +237,7 @@ def fit(models: Sequence[nn.Module], inputs: Sequence[torch.Tensor], *, epochs: 
         momentum: float = 0.0, labels: torch.Tensor | None = None,
         loss_fn: Callable[[list[torch.Tensor]], torch.Tensor] | None = None, grad_fn: Callable | None = None,
         extra_params=(), chunk: int | None = None, progress: bool = False, desc: str | None = None,
-        engine: str = "auto") -> list[nn.Module]:
+        engine: str = "auto", check_every: int = CHECK_EVERY) -> list[nn.Module]:
     """Full-batch SGD of one or more batched MLP stacks on one loss; every tensor (R, ·, N) with the same R.
 
     The loss is given in one of three ways:
@@ -247,78 +249,112 @@ def fit(models: Sequence[nn.Module], inputs: Sequence[torch.Tensor], *, epochs: 
     neither: the cross-entropy of a single model against `labels` (run-summed mean CE, `ce_grad`).
     extra_params: further parameters of the loss_fn (a common.kd Objective's), stepped with the models'.
     chunk: runs per forward / backward block of the torch engine (None: all at once).
-    engine: "torch" (the code below), "native" (common.synthetic.native's C kernel: a LogitGrad closed form on float32 CPU
-        tensors; an error otherwise) or "auto" (native when it can run this training, else torch). Both make the
+    engine: "torch" (`_TorchFit`), "native" (common.synthetic.native's C kernel: a LogitGrad closed form on float32
+        CPU tensors; an error otherwise) or "auto" (native when it can run this training, else torch). Both make the
         same updates up to float rounding.
+    check_every: every that many epochs and after the last, a non-finite loss (loss_fn) or non-finite outputs (a
+        closed form, whose loss is never formed; the native engine after its last epoch) stop the training with
+        common.train.NonFiniteLoss, named by `desc`.
     Returns the models, in eval mode.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if loss_fn is not None and grad_fn is not None:
         raise ValueError("give loss_fn or grad_fn, not both")
-    if loss_fn is None and grad_fn is None:
-        if len(models) != 1 or labels is None:
-            raise ValueError("without loss_fn / grad_fn, fit trains one model on the cross-entropy against labels")
+    if loss_fn is None and grad_fn is None and (len(models) != 1 or labels is None):
+        raise ValueError("without loss_fn / grad_fn, fit trains one model on the cross-entropy against labels")
     stacks = [linear_layers(m) for m in models]
     runs = stacks[0][0].runs
     if any(layers[0].runs != runs for layers in stacks) or any(x.shape[0] != runs for x in inputs):
         raise ValueError("every model and input must have the same number of runs")
     if loss_fn is None and grad_fn is None:
         grad_fn = ce_grad(labels, stacks[0][-1].out_features, inputs[0].dtype)
-    if engine != "torch":
-        why = native.unsupported(stacks, inputs, grad_fn if loss_fn is None else None)
-        if why is None:
-            native.fit(stacks, inputs, grad_fn, epochs=epochs, lr=lr, momentum=momentum, progress=progress, desc=desc)
-            for m in models:
-                m.eval()
-            return list(models)
-        if engine == "native":
-            raise ValueError(f"engine 'native' cannot run this training: {why}")
-    chunk = runs if not chunk or chunk > runs else int(chunk)
-    slices = [slice(s, min(s + chunk, runs)) for s in range(0, runs, chunk)]
-    params = [p for layers in stacks for lin in layers for p in (lin.weight, lin.bias)]
-    grads = [[(torch.empty_like(lin.weight), torch.empty_like(lin.bias)) for lin in layers] for layers in stacks]
-    flat_grads = [g for per_model in grads for pair in per_model for g in pair]
-    # views[k][j] = (per-layer views, input) of model k for block j
-    views = [[_slice_views(layers, x, sl, per) for sl in slices] for layers, x, per in zip(stacks, inputs, grads)]
-    extra = [p for p in extra_params if p.requires_grad]
-    extra_opt = torch.optim.SGD(extra, lr=lr, momentum=momentum) if extra else None
-    buffers: list[torch.Tensor | None] = [None] * len(params)
     for m in models:
         m.train()
-    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
-    with torch.no_grad():
-        for _ in bar:
-            if grad_fn is not None:
-                for j, sl in enumerate(slices):
-                    cached = [_forward(per[j][0], per[j][1]) for per in views]
-                    gs = grad_fn(sl, [z for _, z in cached])
-                    for per, (acts, _), g in zip(views, cached, gs):
-                        _backward(per[j][0], acts, g)
-            else:
-                cached = [[_forward(v, x) for v, x in per] for per in views]
-                logits = [torch.cat([z for _, z in per], 0).requires_grad_() for per in cached]
-                with torch.enable_grad():
-                    loss = loss_fn(logits)
-                    g_all = torch.autograd.grad(loss, logits + extra, allow_unused=True)
-                for k, (per_views, per) in enumerate(zip(views, cached)):
-                    for sl, (v, _), (acts, _) in zip(slices, per_views, per):
-                        _backward(v, acts, g_all[k][sl])
-                if extra_opt is not None:
-                    for p, g in zip(extra, g_all[len(logits):]):
-                        p.grad = torch.zeros_like(p) if g is None else g
-                    extra_opt.step()
-            for i, (p, g) in enumerate(zip(params, flat_grads)):
-                if momentum:
-                    if buffers[i] is None:
-                        buffers[i] = g.clone()
+    why = native.unsupported(stacks, inputs, grad_fn if loss_fn is None else None) if engine != "torch" else ""
+    if why is None:
+        native.fit(stacks, inputs, grad_fn, epochs=epochs, lr=lr, momentum=momentum, progress=progress, desc=desc)
+        with torch.no_grad():
+            _check_outputs(models, inputs, grad_fn, epochs - 1, desc)
+    elif engine == "native":
+        raise ValueError(f"engine 'native' cannot run this training: {why}")
+    else:
+        torch_fit = _TorchFit(stacks, inputs, chunk, extra_params, lr, momentum)
+        with torch.no_grad():
+            for epoch in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
+                loss = torch_fit.closed_form_epoch(grad_fn) if grad_fn is not None else torch_fit.autograd_epoch(loss_fn)
+                torch_fit.step()
+                if due(epoch + 1, check_every) or epoch == epochs - 1:
+                    if loss is None:
+                        _check_outputs(models, inputs, grad_fn, epoch, desc)
                     else:
-                        buffers[i].mul_(momentum).add_(g)
-                    g = buffers[i]
-                p.sub_(g, alpha=lr)
+                        check_finite(loss, epoch=epoch, step=epoch, where=desc or "")
     for m in models:
         m.eval()
     return list(models)
+
+
+def _check_outputs(models, inputs, grad_fn, epoch: int, desc: str | None) -> None:
+    """NonFiniteLoss when a model's outputs went NaN / inf: a closed-form training never forms its loss, but a loss
+    that became non-finite leaves non-finite weights or outputs behind (one forward per check)."""
+    for model, x in zip(models, inputs):
+        if not torch.isfinite(model(x)).all():
+            name = getattr(grad_fn, "kind", "loss")
+            check_finite(float("nan"), {name: float("nan")}, epoch=epoch, step=epoch, where=desc or "")
+
+
+class _TorchFit:
+    """The torch engine of `fit`: per-block parameter / gradient views built once, the hand-written backward, and
+    SGD with momentum (no dampening) — exactly the updates of autograd + torch.optim.SGD on the run-summed loss."""
+
+    def __init__(self, stacks, inputs, chunk, extra_params, lr: float, momentum: float):
+        runs = stacks[0][0].runs
+        chunk = runs if not chunk or chunk > runs else int(chunk)
+        self.slices = [slice(s, min(s + chunk, runs)) for s in range(0, runs, chunk)]
+        self.params = [p for layers in stacks for lin in layers for p in (lin.weight, lin.bias)]
+        grads = [[(torch.empty_like(lin.weight), torch.empty_like(lin.bias)) for lin in layers] for layers in stacks]
+        self.flat_grads = [g for per_model in grads for pair in per_model for g in pair]
+        # views[k][j] = (per-layer views, input) of model k for block j
+        self.views = [[_slice_views(layers, x, sl, per) for sl in self.slices]
+                      for layers, x, per in zip(stacks, inputs, grads)]
+        self.extra = [p for p in extra_params if p.requires_grad]
+        self.extra_opt = torch.optim.SGD(self.extra, lr=lr, momentum=momentum) if self.extra else None
+        self.buffers: list[torch.Tensor | None] = [None] * len(self.params)
+        self.lr, self.momentum = lr, momentum
+
+    def closed_form_epoch(self, grad_fn) -> None:
+        """Forward → closed-form logit gradient → backward, block by block of runs (activations stay in cache)."""
+        for j, sl in enumerate(self.slices):
+            cached = [_forward(per[j][0], per[j][1]) for per in self.views]
+            gs = grad_fn(sl, [z for _, z in cached])
+            for per, (acts, _), g in zip(self.views, cached, gs):
+                _backward(per[j][0], acts, g)
+
+    def autograd_epoch(self, loss_fn) -> torch.Tensor:
+        """Forward, autograd of loss_fn on the logits (and the loss's own parameters, stepped here), backward."""
+        cached = [[_forward(v, x) for v, x in per] for per in self.views]
+        logits = [torch.cat([z for _, z in per], 0).requires_grad_() for per in cached]
+        with torch.enable_grad():
+            loss = loss_fn(logits)
+            g_all = torch.autograd.grad(loss, logits + self.extra, allow_unused=True)
+        for k, (per_views, per) in enumerate(zip(self.views, cached)):
+            for sl, (v, _), (acts, _) in zip(self.slices, per_views, per):
+                _backward(v, acts, g_all[k][sl])
+        if self.extra_opt is not None:
+            for p, g in zip(self.extra, g_all[len(logits):]):
+                p.grad = torch.zeros_like(p) if g is None else g
+            self.extra_opt.step()
+        return loss.detach()
+
+    def step(self) -> None:
+        for i, (p, g) in enumerate(zip(self.params, self.flat_grads)):
+            if self.momentum:
+                if self.buffers[i] is None:
+                    self.buffers[i] = g.clone()
+                else:
+                    self.buffers[i].mul_(self.momentum).add_(g)
+                g = self.buffers[i]
+            p.sub_(g, alpha=self.lr)
 
 
 def fit_objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float,

@@ -14,8 +14,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from common.kd.layers import BatchedLinear
-from common.saliency import (Distance, _FixedStudent, _randperm, _rank1_delta, _without, check_saliency_args,
-                             minmax_normalize)
+from common.saliency.copies import _rank1_delta
+from common.saliency.distances import Distance, _FixedStudent, _without, minmax_normalize
+from common.saliency.hooks import _randperm
+from common.saliency.vector import check_saliency_args
 
 
 def stack_saliency(layers: list[nn.Module], student: nn.Module, x_t: torch.Tensor, x_s: torch.Tensor,

@@ -12,6 +12,7 @@ import inspect
 import time
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from common import config as C
@@ -19,6 +20,7 @@ from common.kd import available_losses
 from common.kd.base import loss_class
 from common.metrics import spearman_summary
 from common.synthetic import dispatch, parallel
+from common.train import NonFiniteLoss
 
 MASKS = ("none", "omega")
 #: flag dest → dotted config key, for common.config.resolve
@@ -118,6 +120,9 @@ def kd_rows(block: dict, row_extra: Callable[[str, dict, int], dict], table: Cal
     rows, per_run = [], {}
     for key, res in block["per_run"].items():
         method, mask = key.split("/")
+        if not (np.isfinite(res["kd_acc"]).all() and np.isfinite(res["ncjsd"]).all()):
+            raise NonFiniteLoss(f"{key}: non-finite results (accuracy or non-target JS) after training: a "
+                                f"diverging training; lower train.lr or check the loss settings")
         delta = (res["kd_acc"] - no_kd_acc) * 100
         per_run[key] = {**res, "delta": delta}
         for s, setting in enumerate(settings):

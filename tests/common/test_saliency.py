@@ -404,7 +404,7 @@ def test_joint_train_reduces_loss(distance):
 
 @pytest.mark.parametrize("variant", ["textbook", "reference"])
 def test_joint_train_ncjsd_matches_divergence_and_has_finite_gradients(variant):
-    from common.saliency import _agreement
+    from common.saliency.joint import _agreement
     g = _gen(7)
     a, b = torch.randn(9, 5, generator=g, requires_grad=True), torch.randn(9, 5, generator=g, requires_grad=True)
     y = torch.randint(0, 5, (9,), generator=g)
@@ -445,7 +445,7 @@ def test_joint_train_default_loss_on_feature_major_runs(distance):
 @pytest.mark.parametrize("distance", ["mse", "ncjsd"])
 def test_joint_train_default_loss_class_dim_matches_class_last(distance):
     """The default loss on (R, C, N) with class_dim=1 is the default loss on the same logits laid out (R, N, C)."""
-    from common.saliency import _agreement, _cross_entropy
+    from common.saliency.joint import _agreement, _cross_entropy
     g = _gen(8)
     a, b = (torch.randn(2, 5, 9, generator=g, dtype=torch.float64) for _ in range(2))
     y = torch.randint(0, 5, (2, 9), generator=g)

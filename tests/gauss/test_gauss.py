@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from common.config import ConfigError, load_yaml
+from common.train import NonFiniteLoss
 from gauss import experiment
 from gauss import main as gauss_main
 
@@ -128,3 +129,14 @@ def test_bad_hyperparameters_are_config_errors(argv, needle):
     with pytest.raises(ConfigError) as err:
         gauss_main.resolve_config(gauss_main.parse_args(argv))
     assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("engine", ["torch", "auto"])
+def test_diverging_sweep_stops_with_one_line_and_writes_no_results(tmp_path, engine):
+    """Issue 15 item 4: a finite but diverging lr makes the closed-form trainings NaN; the sweep stops with
+    NonFiniteLoss naming the training and the epoch, and no summary file is written."""
+    cfg = small_cfg(runs=2, **{"train.lr": 1e38, "train.epochs": 60, "data.overlaps": [0], "train.engine": engine})
+    with pytest.raises(NonFiniteLoss, match=r"kl/none: non-finite") as err:
+        gauss_main.run(cfg, tmp_path, "cpu")
+    assert "\n" not in str(err.value)
+    assert not list(tmp_path.rglob("summary.*"))

@@ -12,6 +12,7 @@ import torch
 
 from common.synthetic import native
 from common.config import ConfigError, load_yaml
+from common.train import NonFiniteLoss
 from sklearn_exp import experiment
 from sklearn_exp import main as sk_main
 
@@ -216,3 +217,13 @@ def test_bad_hyperparameters_are_config_errors(argv, needle):
     with pytest.raises(ConfigError) as err:
         sk_main.resolve_config(sk_main.parse_args(argv))
     assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_diverging_sweep_stops_with_one_line_and_writes_no_results(tmp_path):
+    """Issue 15 item 4: a diverging lr stops the sweep with NonFiniteLoss (a named training and epoch), no summary."""
+    cfg = cfg_with(**{"runs": 1, "data.n_samples": 300, "data.overlaps": [10], "train.lr": 1e38,
+                      "train.epochs": 60, "alg1.epochs": 5, "alg1.repeats": 1})
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at epoch \d+") as err:
+        sk_main.run(cfg, tmp_path, "cpu")
+    assert "\n" not in str(err.value)
+    assert not list(tmp_path.rglob("summary.*"))
