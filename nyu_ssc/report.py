@@ -74,8 +74,8 @@ def section(all_runs: list[dict], rel_to: Path) -> str:
              f"Demo on synthetic indoor scenes in the real npz layout (grid {g['hr']} → {g['lr']}, images "
              f"{g['image']}), {len({r['seed'] for r in all_runs})} seeds. Two cross-modal pairs into the depth-only "
              f"DDRNet: the RGB-D teacher (`ddrnet_rgbd`, the default, see nyu_ssc/README.md; it also sees the "
-             f"student's depth) and the RGB-only teacher (`ddrnet_rgb`, the strictly cross-modal pair). Each epoch is selected on held-out training scenes; the test split is evaluated "
-             f"once. Baseline and KD students see the same batches in the same order and start from the same "
+             f"student's depth) and the RGB-only teacher (`ddrnet_rgb`, the strictly cross-modal pair). The best "
+             f"epoch is selected on held-out training scenes; the test split is evaluated once. Baseline and KD students see the same batches in the same order and start from the same "
              f"weights. Tiny CPU runs on synthetic data, not NYU numbers.", "",
              "Test, dataset-level (%; mean ± sd over seeds):", "", table(all_runs, "test"), "",
              "Validation (held-out training scenes, best epoch):", "", table(all_runs, "val"), "",

@@ -43,7 +43,8 @@ def main(argv=None):
     for agg in outputs.AGGS:
         rd.log("Validate with TSDF: " + format_result(res[agg], agg))
     if kept:
-        outputs.slice_plot(rd.file(f"slices_{name}.png"), kept, f"{name}: prediction vs ground truth ({Path(ckpt).name})")
+        outputs.slice_plot(rd.file(f"slices_{name}.png"), kept,
+                           f"{name}: prediction vs ground truth ({Path(ckpt).name})")
     results = {name: {"test": res}}
     rows = [r for r in outputs.class_rows({name: {"val": res, "test": res}}) if r["split"] == "test"]
     rd.write_csv("results.csv", rows, ["model", "split", "aggregation", "class", "iou"])

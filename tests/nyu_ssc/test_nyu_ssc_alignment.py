@@ -8,7 +8,6 @@ import cv2
 import numpy as np
 import pytest
 
-from common.config import DataError
 from common.run import cli
 from nyu_ssc import convert_sscnet, sscnet
 from tests.nyu_ssc.ssc_testutil import tiny_cfg
@@ -22,9 +21,10 @@ IMG = (24, 32)
 
 def _plane_depth():
     """Depth (m) of each pixel from a camera at world (3.0, 0.0, 1.0), looking along +y, image v pointing down (−z)."""
-    fx, fy, cx, cy = K
-    v, u = np.mgrid[0:IMG[0], 0:IMG[1]].astype(float)
-    dx, dz = (u - cx) / fx, -(v - cy) / fy                 # ray direction per unit depth (y component 1)
+    _, fy, _, cy = K
+    v = np.mgrid[0:IMG[0], 0:IMG[1]][0].astype(float)
+    dz = -(v - cy) / fy                                     # the ray's height change per unit depth (both planes are
+                                                            # axis-aligned, so the horizontal direction does not matter)
     cam = np.array([3.0, 0.0, 1.0])
     wall_y = (WALL_FRONT - 0.2) * VS                        # plane inside voxel WALL_FRONT
     floor_z = (FLOOR_TOP - 0.2) * VS
