@@ -105,6 +105,10 @@ def load_alg1(path: Path, cfg: dict) -> dict:
     shape = {k: d[k] for k in ("n_mels", "frames", "image_height", "image_width")}
     if ck["data"] != shape:
         raise DataError(f"{path}: made for inputs {ck['data']}, but the config has {shape}")
+    kind = ck.get("teacher_kind", "joint")
+    if kind != cfg["teacher"]:
+        raise ConfigError(f"teacher: {path} holds a {kind} teacher, the config asks for {cfg['teacher']!r}; name a "
+                          f"step-1 run of that kind or train one with --first_time")
     return ck
 
 
@@ -126,11 +130,7 @@ def step1(cfg: dict, root: Path, rd: RunDir, device, out: str | Path):
                               rd=rd)
         return teacher, student, history, "joint training" if cfg["teacher"] == "joint" else "independent training"
     path = find_checkpoint(t["load_from"], out)
-    ck = load_alg1(path, cfg)
-    if ck.get("teacher_kind", "joint") != cfg["teacher"]:
-        raise ConfigError(f"teacher: {path} holds a {ck.get('teacher_kind', 'joint')} teacher, the config asks for "
-                          f"{cfg['teacher']!r}; give tag.load_from of such a run or --first_time")
-    teacher, student = nets_from(ck, cfg)
+    teacher, student = nets_from(load_alg1(path, cfg), cfg)
     rd.log(f"step 1: reusing the nets of {path}")
     return teacher.to(device), student.to(device), [], str(path)
 

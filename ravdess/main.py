@@ -159,7 +159,7 @@ def run(cfg: dict, args, out: str | Path) -> dict:
     if cfg["data"]["layout"] == "features":
         X.data_root(cfg)  # fail on a missing dataset before a run directory is made
     if (args.eval_tag or command == "compare_modes") and not args.cal_tag and not args.resume:
-        X.find_checkpoint(cfg["eval"]["checkpoint"], out)  # likewise for a missing step-1 checkpoint
+        X.load_alg1(X.find_checkpoint(cfg["eval"]["checkpoint"], out), cfg)  # likewise for a missing / wrong step 1
     rd = open_run(cfg, args, out)
     try:
         return _steps(cfg, args, rd, dev, out)

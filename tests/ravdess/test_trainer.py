@@ -183,3 +183,11 @@ def test_a_run_being_written_cannot_be_resumed_by_a_second_process(tmp_path):
     finally:
         first.close()
     M.open_run(cfg, again, tmp_path).close()  # free again once the first has finished
+
+
+def test_step3_refuses_a_step1_run_of_the_other_teacher_kind(features, cfg_file, alg1, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli(lambda: M.main(_step3(features, cfg_file, tmp_path, alg1, "--teacher", "independent")))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "holds a joint teacher, the config asks for 'independent'" in err
+    assert not list(tmp_path.iterdir())  # refused before a run directory was made
