@@ -141,15 +141,15 @@ def phases(ctx: trainer.Context) -> dict:
         name = cfg["model"]["name"]
         return {name: trainer.fit(ctx, name, name, name)}
     trained = {}
-    teacher = engine.build(cfg, kd_cfg["teacher"], ctx.device)
     if kd_cfg["teacher_checkpoint"]:
+        teacher = engine.build(cfg, kd_cfg["teacher"], ctx.device)
         engine.load_weights(teacher, kd_cfg["teacher_checkpoint"])
         ctx.log(f"teacher {kd_cfg['teacher']} loaded from {kd_cfg['teacher_checkpoint']}")
     else:
         ctx.log(f"no kd.teacher_checkpoint: training the {kd_cfg['teacher']} teacher first")
         trained["teacher"] = trainer.fit(ctx, kd_cfg["teacher"], "teacher", "teacher",
                                          epochs=kd_cfg["teacher_epochs"] or None)
-        engine.load_weights(teacher, trained["teacher"]["best_path"])
+        teacher = trained["teacher"]["model"]           # the selected weights, on every rank (no file read)
     save_ntd_logits(ctx, teacher, "teacher")
     if kd_cfg["baseline"]:
         trained["baseline"] = trainer.fit(ctx, kd_cfg["student"], "baseline", "student")
