@@ -173,7 +173,7 @@ def voxel_logits(model, loader, cfg, device, max_rows: int, seed: int) -> tuple[
     derived from (seed, scene name), so the rows do not depend on the batch size or the number of ranks."""
     model.eval()
     per_scene = max(1, max_rows // max(1, len(loader.dataset) * ddp.world_size()))
-    rows, labels = [], []
+    rows, labels = [np.zeros((0, SC.NUM_CLASSES), np.float32)], [np.zeros(0, np.int64)]   # a rank may hold no scene
     for batch in loader:
         with autocast(cfg, device):
             z = forward(model, batch, device).float().movedim(1, -1).cpu()
