@@ -17,9 +17,9 @@ if str(HERE.parent) not in sys.path:  # run as a script without an install: make
 import torch  # noqa: E402
 
 from common import config as C  # noqa: E402
-from common.synthetic import fastfit, native, sweep  # noqa: E402
-from common.run import RunDir, cli, seed_everything  # noqa: E402
-from gauss import data, experiment, modify, report  # noqa: E402
+from common.synthetic import sweep  # noqa: E402
+from common.run import RunDir, cli  # noqa: E402
+from gauss import data, experiment, figures, modify  # noqa: E402
 
 PRESETS = HERE / "configs"
 
@@ -45,7 +45,7 @@ def resolve_config(args) -> dict:
     sweep.split_lists(args, [k for k in C.load_yaml(defaults)["kd"]["methods"] if k != "_open"])
     # config.yaml ← preset ← --config ← --set ← flags, each layer validated against config.yaml
     cfg = C.resolve(defaults, args, sweep.FLAGS, layers=[PRESETS / f"{preset}.yaml"] if preset else [])
-    sweep.check_methods(cfg)
+    sweep.check_config(cfg)
     check(cfg)
     return cfg
 
@@ -58,8 +58,6 @@ def check(cfg: dict) -> None:
         if not ok:
             raise C.ConfigError(msg)
 
-    problem = fastfit.engine_problem(cfg["train"]["engine"])
-    need(problem is None, f"train.engine: {problem}")
     need(cfg["workers"] == 1 or cfg["data"]["generator"] != "modify_gamma",
          "workers: the modify_gamma table runs in one process (a few seconds); use workers: 1")
     settings = {"increase_gamma": "overlaps", "increase_alpha": "exclusive_dims", "modify_gamma": "xs2_dims"}
@@ -86,26 +84,20 @@ def check(cfg: dict) -> None:
 
 def run(cfg: dict, out: str | Path, device: str = "auto") -> tuple[RunDir, dict]:
     """Run the sweep into a new run directory; returns it and the results."""
-    dev = C.resolve_device(device)
-    seed_everything(cfg["seed"], cfg["deterministic"])
-    with sweep.threads(cfg):
-        return _run(cfg, out, dev)
+    return sweep.run_in_dir(cfg, out, device, HERE, _run)
 
 
-def _run(cfg: dict, out, dev: torch.device) -> tuple[RunDir, dict]:
-    rd = RunDir.create(out, cfg["name"], config=cfg, code_from=HERE)
-    rd.log(f"run directory {rd.path}")
-    rd.log(f"trainer: {native.describe(cfg['train']['engine'], dev)}")
+def _run(cfg: dict, rd: RunDir, dev: torch.device, trainer: str) -> dict:
     generator = cfg["data"]["generator"]
     if generator == "modify_gamma":
         results = modify.run_table(cfg, dev, log=rd.log)
         rd.write_csv("summary.csv", results["rows"], modify.CSV_COLUMNS)
-        plots = report.plot_modify(results, rd.path)
+        plots = figures.plot_modify(results, rd.path)
         extra = {"identification": results["identification"], "chance": results["chance"]}
     else:
         results = experiment.run_sweep(cfg, dev, log=rd.log)
         rd.write_csv("summary.csv", results["rows"], experiment.csv_columns(generator))
-        plots = report.plot(results, rd.path)
+        plots = figures.plot(results, rd.path)
         extra = {"correlations": results["correlations"]}
     rd.write_summary({"experiment": "gauss", "generator": generator, "config": cfg, "seconds": results["seconds"],
                       "rows": results["rows"], **extra, "plots": [p.name for p in plots]})
@@ -118,15 +110,11 @@ def _run(cfg: dict, out, dev: torch.device) -> tuple[RunDir, dict]:
         tag, step = f"{r['loss']}_{r['mask']}", r.get("exclusive_dim", r["overlap_dim"])
         rd.scalar(f"{tag}/delta_mean", r["delta_mean"], step)
         rd.scalar(f"{tag}/kd_acc", r["kd_acc"], step)
-    rd.log(f"done in {results['seconds']:.1f} s; summary.csv, summary.json and plots in {rd.path}")
-    rd.close()
-    return rd, results
+    return results
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    cfg = resolve_config(args)
-    run(cfg, args.out, args.device)
+    sweep.main(parse_args, resolve_config, run, argv)
 
 
 if __name__ == "__main__":

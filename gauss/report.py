@@ -1,4 +1,4 @@
-"""Plots of the gauss presets and their sections of results/REPORT.md (numbers taken from the run).
+"""The gauss presets' sections of results/REPORT.md (numbers taken from the run).
 
 `make reproduce` runs the NTDH default, `--preset mfh_gamma` (MFH Figure 2) and `--preset mfh_modify_gamma` (MFH
 Table 2) into results/gauss/ and writes one paragraph per plot.
@@ -7,50 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
+from common.synthetic import sweep
+from gauss import main as gauss_main
+from gauss.figures import by_method, modify_keys, sweep_axis
 
-from common import plots
-
-
-def _by_method(rows):
-    methods: dict[str, list[dict]] = {}
-    for r in rows:
-        methods.setdefault(f"{r['loss']}/{r['mask']}", []).append(r)
-    return methods
-
-
-def _axis(rows) -> tuple[str, str, str]:
-    """(row key, file-name word, axis label) of the swept quantity: α for the increase-α sweep, else γ."""
-    if "alpha" in rows[0]:
-        return "alpha", "alpha", "α (teacher-exclusive / teacher decisive dims)"
-    return "gamma", "gamma", "γ (shared / union decisive dims)"
-
-
-def plot(results: dict, out_dir) -> list[Path]:
-    out_dir = Path(out_dir)
-    methods = _by_method(results["rows"])
-    first = next(iter(methods.values()))
-    key, word, label = _axis(first)
-    sym = "α" if key == "alpha" else "γ"
-    xs = [r[key] for r in first]
-    acc = {"teacher (x1)": ([r["teacher_acc"] for r in first],), "no-KD student (x2)": ([r["no_kd_acc"] for r in first],)}
-    acc.update({f"KD {k}": ([r["kd_acc"] for r in v],) for k, v in methods.items()})
-    paths = [plots.line_plot(out_dir / f"accuracy_vs_{word}.png", xs, acc, xlabel=label,
-                             ylabel="test accuracy", title=f"Accuracy vs {sym}")]
-    delta = {k: ([r["delta_mean"] for r in v], [r["delta_std"] for r in v]) for k, v in methods.items()}
-    paths.append(plots.line_plot(out_dir / f"delta_vs_{word}.png", xs, delta, xlabel=sym,
-                                 ylabel="Delta = KD − no-KD (points)", title=f"KD gain vs {sym} (mean ± std over runs)",
-                                 hline=0.0))
-    scatter, means = {}, {}
-    for key, v in results["per_run"].items():
-        rho = results["correlations"][key]["rho"]
-        label = f"{key} (ρ = {rho:+.2f})"
-        scatter[label] = (v["ncjsd"].ravel(), v["delta"].ravel())
-        means[label] = (v["ncjsd"].mean(1), v["delta"].mean(1), v["delta"].std(1))
-    paths.append(plots.scatter_plot(out_dir / "delta_vs_ncjsd.png", scatter, means=means,
-                                    xlabel="non-target JS(teacher, KD student) on test",
-                                    ylabel="Delta (points)", title="NTDH: KD gain vs non-target divergence"))
-    return paths
 
 
 def markdown_table(rows) -> str:
@@ -64,8 +24,8 @@ def markdown_table(rows) -> str:
 def section(results: dict, run_dir: Path, rel_to: Path, title: str = "## NTDH synthetic Gaussian (`gauss`)") -> str:
     """Markdown for REPORT.md; image links relative to `rel_to` (the report's folder)."""
     rel = lambda name: (Path(run_dir) / name).relative_to(rel_to).as_posix()
-    methods = _by_method(results["rows"])
-    key_x, word, _ = _axis(results["rows"])
+    methods = by_method(results["rows"])
+    key_x, word, _ = sweep_axis(results["rows"])
     sym = "α" if key_x == "alpha" else "γ"
     lines = [title, "",
              f"{results['rows'][0]['runs']} runs per {sym}, {len(results['settings'])} values of {sym}; "
@@ -88,54 +48,9 @@ def section(results: dict, run_dir: Path, rel_to: Path, title: str = "## NTDH sy
                      f"{hi[key_x]:.2f} (KD {sign(hi['delta_mean'])}).")
         lines.append("")
     lines += [f"![delta vs non-target JS]({rel('delta_vs_ncjsd.png')})", ""]
-    for key, c in results["correlations"].items():
-        per = results["per_run"][key]
-        lines.append(f"**Delta vs non-target JS, {key}.** Over all {c['n']} runs the Spearman rank correlation "
-                     f"between the teacher–student non-target JS and Delta is ρ = {c['rho']:+.3f} (p = {c['p']:.2g}); "
-                     f"over the {sym} means ρ = {c['rho_means']:+.3f}. The mean divergence goes from "
-                     f"{np.mean(per['ncjsd'][0]):.4f} to {np.mean(per['ncjsd'][-1]):.4f} across {sym}. A negative ρ is "
-                     f"what NTDH predicts: the smaller the non-target divergence, the larger the KD gain. With two "
-                     f"classes the divergence is that of the non-target mass 1 − p_y (see README).")
-        lines.append("")
+    lines += sweep.ntdh_paragraphs(results, sym, " With two classes the divergence is that of the non-target "
+                                                "mass 1 − p_y (see README).")
     return "\n".join(lines)
-
-
-def _modify_keys(results: dict) -> dict[str, str]:
-    """loss/mask → file-name suffix ("" when there is one combination)."""
-    keys = list(results["per_run"])
-    return {k: ("" if len(keys) == 1 else "_" + k.replace("/", "_")) for k in keys}
-
-
-def plot_modify(results: dict, out_dir) -> list[Path]:
-    """MFH Table 2 as grouped bars (students; teachers) per xs2, and Algorithm 1's identification accuracy."""
-    out_dir = Path(out_dir)
-    groups = [f"xs2={s['xs2_dim']}\nγ={s['gamma']:.2f}" for s in results["settings"]]
-    modes, paths = results["modes"], []
-    ms = lambda v: (v.mean(-1), v.std(-1))   # (S, R) → mean, std over runs
-    for key, suffix in _modify_keys(results).items():
-        res = results["per_run"][key]
-        gain = lambda acc: (acc - res["no_kd_acc"][0]) * 100   # points over the no-KD student, per run
-        students = {"regular KD": ms(gain(res["regular_kd_acc"][0]))}
-        students.update({f"modality-general KD ({m})": ms(gain(res["mg_kd_acc"][i])) for i, m in enumerate(modes)})
-        paths.append(plots.grouped_bars(out_dir / f"table2_students{suffix}.png", groups, students,
-                                        ylabel="student accuracy − no-KD (points)",
-                                        title=f"MFH Table 2: KD students vs no-KD, {key} (mean ± std over runs)"))
-        teachers = {"regular teacher (all x1)": ms(res["regular_teacher_acc"][0])}
-        teachers.update({f"modality-general teacher ({m})": ms(res["mg_teacher_acc"][i]) for i, m in enumerate(modes)})
-        paths.append(plots.grouped_bars(out_dir / f"table2_teachers{suffix}.png", groups, teachers,
-                                        ylabel="teacher test accuracy (x1)",
-                                        title="MFH Table 2: teachers (mean ± std over runs)"))
-    ident = results["identification"]
-    if ident["x1"] is not None:
-        xs = [s["xs2_dim"] for s in results["settings"]]
-        series = {"x1 (used for the teacher)": (ident["x1"].mean(1), ident["x1"].std(1))}
-        if ident["x2"] is not None:
-            series["x2"] = (ident["x2"].mean(1), ident["x2"].std(1))
-        series["chance (random columns)"] = (results["chance"],)
-        paths.append(plots.line_plot(out_dir / "alg1_identification.png", xs, series, xlabel="xs2 (shared decisive dims)",
-                                     ylabel="share of the true shared columns found",
-                                     title="Algorithm 1: identification accuracy (top-xs2 saliency)"))
-    return paths
 
 
 def markdown_modify_table(rows) -> str:
@@ -156,7 +71,7 @@ def section_modify(results: dict, run_dir: Path, rel_to: Path, title: str) -> st
     lines = [title, "", f"{results['rows'][0]['runs']} runs per xs2, {len(settings)} values of xs2, modes "
              f"{', '.join(modes)}; the whole table took {results['seconds']:.1f} s. Run directory: "
              f"`{Path(run_dir).relative_to(rel_to.parent).as_posix()}`.", "", markdown_modify_table(results["rows"]), ""]
-    for key, suffix in _modify_keys(results).items():
+    for key, suffix in modify_keys(results).items():
         res = results["per_run"][key]
         reg = res["regular_kd_acc"][0].mean(-1)
         diff = {m: res["student_diff"][i].mean(-1) for i, m in enumerate(modes)}
@@ -205,7 +120,6 @@ def reproduce(results_dir: Path, device: str = "auto", workers: int | None = Non
     """The `make reproduce` entry: the NTDH default sweep, then the mfh_gamma and mfh_modify_gamma presets, into
     results/gauss, returning the report section. `workers` (None: the config's) goes to the two γ sweeps; the
     modify-γ table is one process."""
-    from gauss import main as gauss_main
     out = Path(results_dir) / "gauss"
     parts = []
     for preset, title in ((None, None), ("mfh_gamma", "### MFH increase γ (`--preset mfh_gamma`, MFH Figure 2)"),

@@ -16,9 +16,9 @@ if str(HERE.parent) not in sys.path:  # run as a script without an install: make
 import torch  # noqa: E402
 
 from common import config as C  # noqa: E402
-from common.synthetic import fastfit, native, sweep  # noqa: E402
-from common.run import RunDir, cli, seed_everything  # noqa: E402
-from sklearn_exp import experiment, report  # noqa: E402
+from common.synthetic import sweep  # noqa: E402
+from common.run import RunDir, cli  # noqa: E402
+from sklearn_exp import experiment, figures  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -42,7 +42,7 @@ def resolve_config(args) -> dict:
 def validate(cfg: dict) -> None:
     """What the declared `_checks` of config.yaml cannot say, as one-line ConfigErrors before anything is written."""
     d, a = cfg["data"], cfg["alg1"]
-    sweep.check_methods(cfg)
+    sweep.check_config(cfg)
     if a["mask_dim"] > d["x_dim"]:
         raise C.ConfigError(f"alg1.mask_dim must lie in [1, data.x_dim={d['x_dim']}], got {a['mask_dim']}")
     if not d["overlaps"] or any(not isinstance(o, int) or not 0 <= o <= d["fixed_dim"] for o in d["overlaps"]):
@@ -50,28 +50,17 @@ def validate(cfg: dict) -> None:
     if 2 * d["fixed_dim"] > min(d["x_dim"], d["n_features"]):
         raise C.ConfigError(f"data: 2·fixed_dim={2 * d['fixed_dim']} real columns do not fit in x_dim={d['x_dim']} "
                             f"/ n_features={d['n_features']}")
-    problem = fastfit.engine_problem(cfg["train"]["engine"])
-    if problem:
-        raise C.ConfigError(f"train.engine: {problem}")
 
 
 def run(cfg: dict, out: str | Path, device: str = "auto") -> tuple[RunDir, dict]:
     """Run the sweep into a new run directory; returns it and the results."""
-    dev = C.resolve_device(device)
-    seed_everything(cfg["seed"], cfg["deterministic"])
-    with sweep.threads(cfg):
-        return _run(cfg, out, dev)
+    return sweep.run_in_dir(cfg, out, device, HERE, _run)
 
 
-def _run(cfg: dict, out, dev: torch.device) -> tuple[RunDir, dict]:
-    rd = RunDir.create(out, cfg["name"], config=cfg, code_from=HERE)
-    rd.log(f"run directory {rd.path}")
-    # described (and the kernel loaded) here, before run_sweep forks its workers
-    trainer = native.describe(cfg["train"]["engine"], dev)
-    rd.log(f"trainer: {trainer}")
+def _run(cfg: dict, rd: RunDir, dev: torch.device, trainer: str) -> dict:
     results = {**experiment.run_sweep(cfg, dev, log=rd.log), "trainer": trainer}
     rd.write_csv("summary.csv", results["rows"], experiment.CSV_COLUMNS)
-    plots = report.plot(results, rd.path)
+    plots = figures.plot(results, rd.path)
     sal = results["saliency"]
     rd.write_summary({"experiment": "sklearn_exp", "config": cfg, "seconds": results["seconds"],
                       "cpu_seconds": results["cpu_seconds"], "threads": results["threads"],
@@ -90,15 +79,11 @@ def _run(cfg: dict, out, dev: torch.device) -> tuple[RunDir, dict]:
         rd.scalar(f"{tag}/delta_mean", r["delta_mean"], r["overlap_dim"])
         rd.scalar(f"{tag}/kd_acc", r["kd_acc"], r["overlap_dim"])
         rd.scalar(f"{tag}/masked_student_acc", r["masked_student_acc"], r["overlap_dim"])
-    rd.log(f"done in {results['seconds']:.1f} s; summary.csv, summary.json and plots in {rd.path}")
-    rd.close()
-    return rd, results
+    return results
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    cfg = resolve_config(args)
-    run(cfg, args.out, args.device)
+    sweep.main(parse_args, resolve_config, run, argv)
 
 
 if __name__ == "__main__":

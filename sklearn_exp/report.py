@@ -3,80 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
+from common.synthetic import sweep
+from sklearn_exp import main as sk_main
+from sklearn_exp.figures import by_method
 
-from common import plots
-from common.plots import figure
-
-
-def _by_method(rows):
-    methods: dict[str, list[dict]] = {}
-    for r in rows:
-        methods.setdefault(f"{r['loss']}/{r['mask']}", []).append(r)
-    return methods
-
-
-def saliency_plot(path, results: dict, run: int = 0) -> Path:
-    """Saliency of every x1 / x2 column for one run at every γ: decisive columns red, shared ones hatched, the kept
-    (selected) columns marked with a triangle."""
-    sal, settings = results["saliency"], results["settings"]
-    n = len(settings)
-    fig, axes = figure(n, 2, figsize=(12, 1.9 * n + 0.6), squeeze=False, sharex=True)
-    for s, setting in enumerate(settings):
-        for m, (mod, truth) in enumerate((("x1", sal["x1_decisive"][s]), ("x2", sal["x2_decisive"][s]))):
-            ax = axes[s, m]
-            v = sal[mod][s, run]
-            cols = np.arange(len(v))
-            colors = np.where(np.isin(cols, truth), "C3", "C0")
-            bars = ax.bar(cols, v, color=colors, width=0.9)
-            for c in sal["shared"][s]:
-                bars[c].set_hatch("///")
-            kept = sal[f"kept_{mod}"][s, run]
-            ax.scatter(kept, v[kept] + 0.08, marker="v", color="k", s=18, zorder=3)
-            ax.set_ylim(0, 1.2)
-            ax.set_ylabel(f"γ={setting['gamma']:.2f}")
-            if s == 0:
-                ax.set_title(f"{mod} columns ({'teacher' if mod == 'x1' else 'student'}): red = decisive, "
-                             f"hatched = shared, ▼ = kept ({results['mode']})", fontsize=9)
-            if s == n - 1:
-                ax.set_xlabel("input column")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
-
-
-def plot(results: dict, out_dir) -> list[Path]:
-    out_dir = Path(out_dir)
-    methods = _by_method(results["rows"])
-    first = next(iter(methods.values()))
-    gammas = [r["gamma"] for r in first]
-    acc = {"teacher (x1)": ([r["teacher_acc"] for r in first],), "no-KD student (x2)": ([r["no_kd_acc"] for r in first],),
-           f"masked teacher ({results['mask_dim']} cols)": ([r["masked_teacher_acc"] for r in first],)}
-    acc.update({f"KD {k}": ([r["kd_acc"] for r in v],) for k, v in methods.items()})
-    acc.update({f"KD {k} from masked teacher": ([r["masked_student_acc"] for r in v],) for k, v in methods.items()})
-    paths = [plots.line_plot(out_dir / "accuracy_vs_gamma.png", gammas, acc,
-                             xlabel="γ (fraction of the teacher's decisive columns the student sees)",
-                             ylabel="test accuracy", title="Accuracy vs γ")]
-    delta = {k: ([r["delta_mean"] for r in v], [r["delta_std"] for r in v]) for k, v in methods.items()}
-    for k in methods:
-        d = results["per_run"][k]["delta_masked"]
-        delta[f"{k} from masked teacher"] = (d.mean(1), d.std(1))
-    paths.append(plots.line_plot(out_dir / "delta_vs_gamma.png", gammas, delta, xlabel="γ",
-                                 ylabel="Delta = KD − no-KD (points)", title="KD gain vs γ (mean ± std over runs)",
-                                 hline=0.0))
-    scatter, means = {}, {}
-    for key, v in results["per_run"].items():
-        rho = results["correlations"][key]["rho"]
-        label = f"{key} (ρ = {rho:+.2f})"
-        scatter[label] = (v["ncjsd"].ravel(), v["delta"].ravel())
-        means[label] = (v["ncjsd"].mean(1), v["delta"].mean(1), v["delta"].std(1))
-    paths.append(plots.scatter_plot(out_dir / "delta_vs_ncjsd.png", scatter, means=means,
-                                    xlabel="non-target JS(teacher, KD student)", ylabel="Delta (points)",
-                                    title="NTDH: KD gain vs non-target divergence"))
-    paths.append(saliency_plot(out_dir / "saliency_run0.png", results, 0))
-    return paths
 
 
 def markdown_table(rows, mask_dim: int) -> str:
@@ -92,7 +22,7 @@ def markdown_table(rows, mask_dim: int) -> str:
 def section(results: dict, run_dir: Path, rel_to: Path) -> str:
     """Markdown for REPORT.md; image links relative to `rel_to` (the report's folder)."""
     rel = lambda name: (Path(run_dir) / name).relative_to(rel_to).as_posix()
-    methods = _by_method(results["rows"])
+    methods = by_method(results["rows"])
     k, mode = results["mask_dim"], results["mode"]
     runs = results["rows"][0]["runs"]
     lines = ["## NTDH sklearn `make_classification` with Algorithm 1 (`sklearn_exp`)", "",
@@ -126,14 +56,7 @@ def section(results: dict, run_dir: Path, rel_to: Path) -> str:
                      f"γ = {lo['gamma']:.2f} and {dm[i_hi].mean():+.2f} ± {dm[i_hi].std():.2f} at γ = {hi['gamma']:.2f}.")
         lines.append("")
     lines += [f"![delta vs non-target JS]({rel('delta_vs_ncjsd.png')})", ""]
-    for key, c in results["correlations"].items():
-        per = results["per_run"][key]
-        lines.append(f"**Delta vs non-target JS, {key}.** Over all {c['n']} runs the Spearman rank correlation "
-                     f"between the teacher–KD-student non-target JS and Delta is ρ = {c['rho']:+.3f} "
-                     f"(p = {c['p']:.2g}); over the γ means ρ = {c['rho_means']:+.3f}. The mean divergence ranges "
-                     f"from {per['ncjsd'].mean(1).min():.4f} to {per['ncjsd'].mean(1).max():.4f} across γ. NTDH "
-                     f"predicts a negative ρ: the smaller the non-target divergence, the larger the KD gain.")
-        lines.append("")
+    lines += sweep.ntdh_paragraphs(results, "γ")
     sal = results["saliency"]
     rows0 = next(iter(methods.values()))
     hit_text = "; ".join(f"γ = {r['gamma']:.2f}: x1 {r['saliency_hits_x1']:.2f}/{k} decisive "
@@ -155,7 +78,6 @@ def reproduce(results_dir: Path, device: str = "auto", workers: int = 1) -> str:
     """The `make reproduce` entry: the default sweep into results/sklearn_exp, returning the report section; its
     runs split over `workers` processes when it runs on CPU (the same numbers)."""
     from common.config import resolve_device
-    from sklearn_exp import main as sk_main
     workers = max(1, workers) if resolve_device(device).type == "cpu" else 1
     args = sk_main.parse_args(["--set", "progress=false", "--workers", str(workers)])
     cfg = sk_main.resolve_config(args)

@@ -19,7 +19,7 @@ from common import config as C
 from common.kd import available_losses
 from common.kd.base import loss_class
 from common.metrics import spearman_summary
-from common.synthetic import dispatch, parallel
+from common.synthetic import dispatch, fastfit, native, parallel
 from common.train import NonFiniteLoss
 
 MASKS = ("none", "omega")
@@ -47,15 +47,18 @@ def split_lists(args: argparse.Namespace, methods: Sequence[str]) -> None:
         args.masks = [s.strip() for s in args.masks.split(",") if s.strip()]
 
 
-def check_methods(cfg: dict) -> None:
-    """kd.losses name entries of kd.methods, each built of registered terms with options they accept (one-line
-    ConfigErrors); the masks themselves are declared in the config's _checks."""
+def check_config(cfg: dict) -> None:
+    """What a sweep's declared `_checks` cannot say, as one-line ConfigErrors: train.engine usable here (native needs
+    the C kernel), kd.losses naming entries of kd.methods, each built of registered terms with options they accept."""
     kd = cfg["kd"]
     if not kd["losses"] or not kd["masks"]:
         raise C.ConfigError("kd.losses and kd.masks must not be empty")
     unknown = [m for m in kd["losses"] if m not in kd["methods"]]
     if unknown:
         raise C.ConfigError(f"kd.losses: unknown method(s) {unknown}; known: {', '.join(kd['methods'])}")
+    problem = fastfit.engine_problem(cfg["train"]["engine"])
+    if problem:
+        raise C.ConfigError(f"train.engine: {problem}")
     for method in kd["losses"]:
         for term, options in kd["methods"][method].items():
             options = dict(options or {})
@@ -162,3 +165,41 @@ def ntdh_paragraphs(results: dict, sym: str, note: str = "") -> list[str]:
                   f"{means.max():.4f} across {sym}. NTDH predicts a negative ρ: the smaller the non-target "
                   f"divergence, the larger the KD gain.{note}", ""]
     return lines
+
+
+def ntdh_scatter(results: dict, path, xlabel: str):
+    """The NTDH plot: Delta vs the teacher–KD-student non-target JS of every run, per (method, mask), with the
+    Spearman ρ in the legend and the per-setting means."""
+    from common import plots   # matplotlib only where a plot is drawn
+    scatter, means = {}, {}
+    for key, v in results["per_run"].items():
+        label = f"{key} (ρ = {results['correlations'][key]['rho']:+.2f})"
+        scatter[label] = (v["ncjsd"].ravel(), v["delta"].ravel())
+        means[label] = (v["ncjsd"].mean(1), v["delta"].mean(1), v["delta"].std(1))
+    return plots.scatter_plot(path, scatter, means=means, xlabel=xlabel, ylabel="Delta (points)",
+                              title="NTDH: KD gain vs non-target divergence")
+
+
+def main(parse_args: Callable, resolve_config: Callable, run: Callable, argv=None) -> None:
+    """An experiment's entry point: flags → validated config → run into a new run directory."""
+    args = parse_args(argv)
+    run(resolve_config(args), args.out, args.device)
+
+
+def run_in_dir(cfg: dict, out, device: str, code_from, body: Callable) -> tuple:
+    """A sweep into a new run directory (locked while it runs): the device resolved, seeds set, cfg["threads"]
+    torch threads; body(cfg, rd, device, trainer) does the work and returns the results; then the closing log line.
+    The trainer is described (and the C kernel loaded) before any worker process is forked."""
+    from common.run import RunDir, seed_everything
+    dev = C.resolve_device(device)
+    seed_everything(cfg["seed"], cfg["deterministic"])
+    with threads(cfg):
+        rd = RunDir.create(out, cfg["name"], config=cfg, code_from=code_from)
+        rd.lock()
+        rd.log(f"run directory {rd.path}")
+        trainer = native.describe(cfg["train"]["engine"], dev)
+        rd.log(f"trainer: {trainer}")
+        results = body(cfg, rd, dev, trainer)
+        rd.log(f"done in {results['seconds']:.1f} s; summary.csv, summary.json and plots in {rd.path}")
+        rd.close()
+        return rd, results

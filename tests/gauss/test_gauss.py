@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import ConfigError, load_yaml
+from common.config import load_yaml, set_value
 from common.train import NonFiniteLoss
 from gauss import experiment
 from gauss import main as gauss_main
@@ -22,11 +22,7 @@ def small_cfg(**over):
     cfg["progress"] = False
     cfg["workers"] = 1   # one process unless a test asks for workers (the default config splits over two)
     for k, v in over.items():
-        node = cfg
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+        set_value(cfg, k, v)
     return cfg
 
 
@@ -34,11 +30,10 @@ def test_end_to_end_every_method_and_mask(tmp_path):
     args = gauss_main.parse_args(["--runs", "2", "--losses", "all", "--masks", "none,omega", "--out", str(tmp_path),
                                   "--set", "train.epochs=15", "--set", "data.overlaps=[0,10]", "--set",
                                   "progress=false"])
-    cfg = gauss_main.resolve_config(args)
-    run_dir, results = gauss_main.run(cfg, args.out, "cpu")
-    rows = list(csv.DictReader(open(run_dir.path / "summary.csv")))
-    assert list(rows[0]) == experiment.CSV_COLUMNS
-    assert len(rows) == 7 * 2 * 2  # methods × masks × γ
+    run_dir, results = gauss_main.run(gauss_main.resolve_config(args), args.out, "cpu")
+    with open(run_dir.path / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == experiment.CSV_COLUMNS and len(rows) == 7 * 2 * 2  # methods × masks × γ
     for r in rows:
         assert 0 <= float(r["kd_acc"]) <= 1 and np.isfinite(float(r["delta_mean"]))
     summary = json.loads((run_dir.path / "summary.json").read_text())
@@ -111,24 +106,6 @@ def test_runs_split_over_worker_processes_give_the_same_numbers():
         for col in ("teacher_acc", "no_kd_acc", "kd_acc", "delta_mean", "ncjsd", "cmd_input", "cmd_output"):
             assert abs(a[col] - b[col]) < 1e-5, (a["loss"], a["mask"], col)
 
-
-BAD_HYPERPARAMETERS = [
-    (["--set", "train.lr=.nan"], "finite"), (["--set", "train.lr=.inf"], "train.lr"), (["--set", "train.lr=-0.1"], "train.lr"),
-    (["--set", "train.lr=0"], "train.lr"), (["--set", "train.epochs=0"], "train.epochs"), (["--runs", "0"], "runs"),
-    (["--set", "kd.methods.kl.kl.temperature=0"], "temperature"), (["--losses", "nope"], "unknown method"),
-    (["--masks", "none,sometimes"], "kd.masks"), (["--set", "kd.methods.kl.kl.tau=1"], "unknown option(s) tau"),
-    (["--set", "kd.methods.kl.kl.reduction=sum"], "reduction"), (["--engine", "fast"], "train.engine"),
-    (["--set", "kd.methods.kl={foo: {weight: 1.0}}"], "unknown KD loss 'foo'"),
-]
-
-
-@pytest.mark.parametrize("argv,needle", BAD_HYPERPARAMETERS, ids=[" ".join(a) for a, _ in BAD_HYPERPARAMETERS])
-def test_bad_hyperparameters_are_config_errors(argv, needle):
-    """Issue 15 items 4 and 9: non-finite / out-of-range hyper-parameters, unknown loss, option or mask → one
-    ConfigError line naming the key, at config time (the CLI turns it into `error: ...`, exit 2)."""
-    with pytest.raises(ConfigError) as err:
-        gauss_main.resolve_config(gauss_main.parse_args(argv))
-    assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
 @pytest.mark.parametrize("engine", ["torch", "auto"])

@@ -208,12 +208,10 @@ def _rows(rows: list[dict], prefix: str) -> dict:
 
 
 def _set(cfg: dict, over: dict) -> dict:
+    from common.config import set_value
+
     for k, v in over.items():
-        node = cfg
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+        set_value(cfg, k, v)
     return cfg
 
 
