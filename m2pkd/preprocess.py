@@ -182,7 +182,8 @@ def extract_audio(cfg, log: Callable[[str], None] = print) -> dict:
             try:
                 y, sr = librosa.load(str(src), sr=a["sample_rate"], mono=True)
             except Exception as e:  # librosa / soundfile raise many types for corrupt files
-                raise DataError(f"{src}: unreadable audio ({type(e).__name__})") from None
+                reason = " ".join(str(e).split())[:120]
+                raise DataError(f"{src}: unreadable audio ({type(e).__name__}: {reason})") from None
             if len(y) == 0:
                 raise DataError(f"{src}: empty audio")
             check_duration(src, len(y) / sr, cfg, rec)

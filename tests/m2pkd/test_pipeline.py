@@ -109,15 +109,19 @@ def test_bad_audio_video_and_gold_are_refused_by_name(prepared, tmp_path):
     (broken / "recordings_audio" / "train_1.wav").unlink()
     y, sr = sf.read(root / "recordings_audio" / "train_3.wav")
     sf.write(broken / "recordings_audio" / "train_3.wav", y[: sr // 2], sr)          # truncated: 0.5 s of 4 s
-    cfg = cfg_for(broken, "data.train=[train_1,train_2,train_3]", "data.dev=[]")
+    y[100] = np.nan
+    sf.write(broken / "recordings_audio" / "dev_1.wav", y.astype(np.float32), sr, subtype="FLOAT")
+    cfg = cfg_for(broken, "data.train=[train_1,train_2,train_3]", "data.dev=[dev_1]")
     logs = []
     with pytest.raises(DataError) as e:
         PL.run_step("audio", cfg, logs.append)
     missing = broken / "recordings_audio" / "train_1.wav"
-    assert f"{missing}: missing" in str(e.value) and "2 of 3 recordings failed (1 processed)" in str(e.value)
+    assert f"{missing}: missing" in str(e.value) and "3 of 4 recordings failed (1 processed)" in str(e.value)
+    assert any("dev_1.wav: unreadable audio (ParameterError: Audio buffer is not finite everywhere)" in m
+               for m in logs), logs
     assert any("train_3.wav: audio lasts 0.50 s, shorter than the recording (video 4.00 s, gold standard 4.00 s)"
                in m for m in logs), logs
-    cfg["data"]["train"] = ["train_2"]
+    cfg["data"]["train"], cfg["data"]["dev"] = ["train_2"], []
     with pytest.raises(DataError, match=r"faces: 1 of 1 recordings failed .*train_2.mp4"):
         PL.run_step("faces", cfg, logs.append)
 
