@@ -9,7 +9,7 @@ model is wrapped in DDP, the training scenes are sharded and the metrics all-red
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -32,7 +32,6 @@ class Context:
     rd: RunDir
     sets: dict
     log: Callable[[str], None] = print
-    extra: dict = field(default_factory=dict)
 
 
 def lr_warning(train_cfg: dict, epochs: int, parity: bool) -> str | None:
@@ -151,5 +150,4 @@ def _finish(ctx, net, model, selector, log, tag, val_loader) -> dict:
                           keep=ctx.cfg["eval"]["viz_samples"], desc=f"{tag} test")
     ctx.log(f"{tag}: best epoch {selector.best_epoch} (val {ctx.cfg['eval']['select']} {selector.best_score:.4f})")
     return {"val": val, "test": test, "kept": kept, "best_epoch": selector.best_epoch, "history": log.history,
-            "omega": log.omega_summary(), "best_path": ctx.rd.checkpoint_dir / f"cpBest_{tag}.pth", "model": model,
-            "net": net}
+            "omega": log.omega_summary(), "best_path": ctx.rd.checkpoint_dir / f"cpBest_{tag}.pth", "model": model}
