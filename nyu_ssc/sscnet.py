@@ -188,6 +188,7 @@ def alignment_report(depths: list[Path], cfg: dict, log=print) -> dict:
             shares[p.stem] = scene_alignment(p, cfg)
         except DataError as e:
             skipped[p.stem] = str(e)
+            log(f"skipped: {e}")
             continue
         log(f"{p.stem}: alignment share {shares[p.stem]:.3f}")
     threshold = cfg["convert"]["min_alignment"]
@@ -201,10 +202,13 @@ def alignment_report(depths: list[Path], cfg: dict, log=print) -> dict:
 
 def check_alignment(report: dict, report_path: Path) -> None:
     """Stop (DataError, exit 2) when the median alignment share is below the threshold, naming the worst scenes."""
-    if report["scenes"] and report["median"] >= report["min_alignment"]:
+    if not report["scenes"]:
+        first = next(iter(report["skipped"].values()), "")
+        raise DataError(f"no scene could be read, nothing to convert (first: {first})")
+    if report["median"] >= report["min_alignment"]:
         return
     worst = sorted(report["scenes"].items(), key=lambda kv: kv[1])[:5]
-    names = ", ".join(f"{k} {v:.3f}" for k, v in worst) or "no readable scene"
+    names = ", ".join(f"{k} {v:.3f}" for k, v in worst)
     raise DataError(f"{report_path}: median alignment share {report['median']:.3f} is below convert.min_alignment "
                     f"{report['min_alignment']} (lowest: {names}): the labels do not lie where the depth map "
                     f"puts the surfaces; check convert.rle_order, or pass --force to convert anyway")
