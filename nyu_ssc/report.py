@@ -88,6 +88,29 @@ def section(all_runs: list[dict], rel_to: Path) -> str:
     return "\n".join(lines)
 
 
+def advisor_records(all_runs: list[dict], out_dir: Path) -> list[dict]:
+    """Per seed, pair and mask: where the teacher's and the no-KD probe's validation logits are (ntd/ of the runs)
+    and the test mIoU Delta (KD − no-KD, points) the student measured, for `common.ntd.save_check_records`."""
+    base_dir = {r["seed"]: r["run_dir"] for r in all_runs if "baseline" in r["summary"]["results"]}
+    base = {r["seed"]: r["summary"]["results"]["baseline"] for r in all_runs if r["seed"] in base_dir
+            and r["run_dir"] == base_dir[r["seed"]]}
+    rel = lambda p: Path(p).relative_to(out_dir).as_posix()
+    records = []
+    for r in all_runs:
+        for role, mask in (("student", "ω"), ("student_none", "no mask")):
+            res = r["summary"]["results"].get(role)
+            if res is None or r["seed"] not in base:
+                continue
+            delta = (res["test"]["dataset"]["miou"] - base[r["seed"]]["test"]["dataset"]["miou"]) * 100
+            records.append({"label": f"{r['teacher']} → ddrnet, KL {mask}, seed {r['seed']}",
+                            "teacher": rel(r["run_dir"]), "probe": rel(base_dir[r["seed"]]), "delta": delta})
+    return records
+
+
 def reproduce(results_dir: Path, device: str = "auto") -> str:
-    """`make reproduce`: both pairs × {ω, none} × SEEDS seeds into results/nyu_ssc."""
-    return section(runs(results_dir, device), Path(results_dir))
+    """`make reproduce`: both pairs × {ω, none} × SEEDS seeds into results/nyu_ssc, and the advisor records."""
+    from common import ntd
+    all_runs = runs(results_dir, device)
+    out_dir = Path(results_dir) / "nyu_ssc"
+    ntd.save_check_records(out_dir, advisor_records(all_runs, out_dir))
+    return section(all_runs, Path(results_dir))
