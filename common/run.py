@@ -42,11 +42,12 @@ def derived_seed(seed: int, *names) -> int:
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed python, numpy and torch (CPU and every GPU). deterministic=True also asks torch for deterministic
-    kernels (warning, not failing, where none exists) at some speed cost."""
+    kernels (warning, not failing, where none exists) at some speed cost. Any non-negative int is accepted (e.g. a
+    `derived_seed`, up to 2**63): numpy's legacy seeding takes it modulo 2**32."""
     # PYTHONHASHSEED only affects interpreters started after this point (e.g. DataLoader workers under spawn).
     os.environ["PYTHONHASHSEED"] = str(seed)
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)  # also seeds every CUDA device
     if deterministic:
         # cuBLAS needs a fixed workspace to be deterministic; must be set before the first cuBLAS call.

@@ -241,3 +241,11 @@ def test_run_dir_unwritable_out_is_one_line(tmp_path):
         RunDir.create(blocker / "sub", "r")
 
 
+
+
+def test_seed_everything_takes_derived_seeds():
+    from common.run import derived_seed, seed_everything
+    seed_everything(derived_seed(0, "nyu_ssc", "student", 2))
+    a = np.random.rand()
+    seed_everything(derived_seed(0, "nyu_ssc", "student", 2))
+    assert np.random.rand() == a
