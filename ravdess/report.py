@@ -83,4 +83,21 @@ def reproduce(results_dir: Path, device: str = "auto") -> str:
     args = M.parse_args(["--demo", "--out", str(results_dir / "ravdess"), "--device", device])
     cfg = M.resolve_config(args)
     results = M.run_demo(cfg, args)
+    advisor_records(results, results_dir / "ravdess")
     return section(results, cfg, results_dir)
+
+
+def advisor_records(results: dict, out_dir: Path) -> None:
+    """For the NTD advisor's check: per removal mode, the teacher after removal (ntd/teacher_mode<m>.npz) against the
+    no-KD probe, and the measured Delta = KD student − no-KD baseline (test accuracy, points)."""
+    from common import ntd
+
+    base = results.get("baseline")
+    if not base:
+        return
+    run_dir = Path(results["run_dir"])
+    records = [{"label": f"mode {r['mode']}", "teacher": run_dir, "tag": f"mode{r['mode']}",
+                "delta": 100 * (r["test_mean"] - base["test_mean"])}
+               for r in results["modes"] if ntd.logits_path(run_dir, "teacher", f"mode{r['mode']}").is_file()]
+    if records:
+        ntd.save_check_records(out_dir, records)
