@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -81,8 +82,14 @@ def check_kitti(gpus: str, tmp: Path, timeout: float) -> tuple[bool, float, str]
     return True, sec, f"{want} process(es), bf16 + channels_last: " + "; ".join(found)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def check_nyu(tmp: Path, timeout: float) -> tuple[bool, float, str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port=29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}",
            str(ROOT / "nyu_ssc" / "main.py"), "--demo", "--epochs", "1", "--amp", "--channels-last",
            "--set", "train.amp_dtype=bfloat16", "--device", "cuda", "--out", str(tmp / "nyu")]
     code, text, sec = run(cmd, timeout, env={"OMP_NUM_THREADS": "2"})
