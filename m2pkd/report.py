@@ -3,12 +3,13 @@ demo.seeds, one student per weighting of demo.weightings) into results/m2pkd/, a
 numbers from the run."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
 def section(res: dict, results_dir: Path) -> str:
     results_dir = Path(results_dir)
-    rel = lambda p: Path(p).relative_to(results_dir).as_posix()
+    rel = lambda p: Path(os.path.relpath(p, results_dir)).as_posix()   # links relative to REPORT.md
     summ = res["summary"]
     lines = ["## M2PKD: privileged KD for arousal / valence (`m2pkd`)", "",
              f"Demo: a generated RECOLA-layout tree (`{rel(res['data'])}`: mp4v videos of scikit-image face photos "

@@ -242,5 +242,8 @@ def test_demo_table_over_seeds_and_weightings(prepared, tmp_path, capsys):
     assert len(summary["kd_effect"]) == 1 and "student_sane: dev CCC" in summary["kd_effect"][0]
     text = (res["run"] / "ccc_table.txt").read_text()
     assert "student_sane" in text and "±" in text and text.strip() in capsys.readouterr().out
+    from m2pkd.report import section
+    md = section(res, tmp_path)
+    assert "| arousal | student_sane |" in md and "**What KD did**" in md and "ccc_dev.png" in md
     with pytest.raises(DataError, match="refusing to write m2pkd demo data into"):
         PL.demo(cfg, tmp_path, "cpu", data_dir=root / "processed")   # holds files the generator did not make
