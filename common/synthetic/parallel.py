@@ -14,8 +14,13 @@ function (it is pickled by name). CPU only: CUDA cannot be used in forked proces
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import multiprocessing as mp
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import os
+import signal
+import threading
+import time
 from typing import Callable
 
 import numpy as np
@@ -31,26 +36,64 @@ def split_runs(runs: int, workers: int) -> list[tuple[int, int]]:
     return [(int(s), int(n)) for s, n in zip(starts, sizes)]
 
 
-def _init_worker(threads: int) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Make this worker end when its parent does, however the parent ends (kill -9 included): Linux's
+    PR_SET_PDEATHSIG delivers SIGKILL at the parent's death; elsewhere (and against the race where the parent died
+    before the call) a daemon thread checks every 0.2 s whether the worker was re-parented."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _init_worker(threads: int, parent: int) -> None:
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole group: the parent decides and stops us
     torch.set_num_threads(threads)
 
 
 def run_blocks(fn: Callable[[dict, int], object], cfg: dict, workers: int, *, threads: int = 1,
                log: Callable[[str], None] = print) -> list:
-    """fn(block cfg, first run) for every block of runs, in `workers` processes; results in block order."""
+    """fn(block cfg, first run) for every block of runs, in `workers` processes; results in block order.
+
+    The workers end with this process: its kill -9 (see _die_with_parent), or any exception here — a worker's error,
+    SIGINT (KeyboardInterrupt), SIGTERM (turned into SystemExit while the blocks run) — terminates them at once."""
     blocks = split_runs(int(cfg["runs"]), workers)
     # fork starts at once and inherits the imported modules; spawn where fork does not exist
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    results: list = [None] * len(blocks)
-    with ProcessPoolExecutor(len(blocks), mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
-        futures = {pool.submit(fn, {**cfg, "runs": n, "progress": False}, first): i
+    pool = ctx.Pool(len(blocks), initializer=_init_worker, initargs=(threads, os.getpid()))
+    main_thread = threading.current_thread() is threading.main_thread()   # signal handlers: main thread only
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    try:
+        pending = {i: pool.apply_async(fn, ({**cfg, "runs": n, "progress": False}, first))
                    for i, (first, n) in enumerate(blocks)}
-        for done in as_completed(futures):
-            i = futures[done]
-            results[i] = done.result()
-            first, n = blocks[i]
-            log(f"worker done: runs {first}–{first + n - 1} ({sum(r is not None for r in results)}/{len(blocks)})")
-    return results
+        results: list = [None] * len(blocks)
+        while pending:
+            for i, job in list(pending.items()):
+                if job.ready():
+                    results[i] = job.get()   # a worker's exception is raised here
+                    del pending[i]
+                    first, n = blocks[i]
+                    log(f"worker done: runs {first}–{first + n - 1} ({len(blocks) - len(pending)}/{len(blocks)})")
+            time.sleep(0.05)
+        pool.close()
+        return results
+    finally:
+        pool.terminate()   # kills whatever still runs (nothing on success)
+        pool.join()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def run_sweep_blocks(block_fn: Callable, cfg: dict, device: torch.device, log: Callable[[str], None] = print
