@@ -91,7 +91,7 @@ def main():
     loop_estimate = t_loop / n_models * n_full
     print(f"default sweep (kl, 100 runs × 6 γ = {n_full} models): {t_full:.1f} s vectorised "
           f"(target ≤ 10 s); the per-run loop would need ≈ {loop_estimate:.0f} s at its measured rate "
-          f"(ratio {loop_estimate / t_full:.0f}x); the reference took 814 s on this machine")
+          f"(ratio {loop_estimate / t_full:.0f}x)")
     if args.full_table:
         table = default_cfg(100, "all", "none,omega")
         t_table = vectorised(table)

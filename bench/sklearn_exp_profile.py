@@ -4,7 +4,7 @@ extrapolated to the default 1000 epochs: wall-clock and CPU time (time.process_t
 Training stages scale linearly with the epochs; data and saliency do not depend on them.
 `--legacy` runs the settings of the first version (autograd for every loss on the torch engine,
 common.saliency.saliency_vector copying the input per column, 10 runs per backward block, 5 columns per forward,
-torch's default thread count); `--set train.engine=torch` the torch engine with today's other settings.
+torch's default thread count); `--set train.engine=torch` the torch engine with the current other settings.
 
     python bench/sklearn_exp_profile.py [--epochs 20] [--legacy] [--threads N] [--set train.engine=torch]
 """

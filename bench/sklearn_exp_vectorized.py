@@ -12,8 +12,8 @@ epochs, `workers: 2`) is timed end to end unless --skip-default, against the 120
 
     python bench/sklearn_exp_vectorized.py [--loop-groups 2] [--epochs 1000] [--runs 2] [--threads 1] [--skip-default]
 
-Both sides run with the same torch thread count (default 1: on a busy shared 2-core machine a second OpenMP thread
-spin-waits against the other users' load and is several times slower in wall and CPU time).
+Both sides run with the same torch thread count (default 1: on a loaded machine a second OpenMP thread spin-waits
+against the other processes' load and is several times slower in wall and CPU time).
 """
 from __future__ import annotations
 

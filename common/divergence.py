@@ -76,7 +76,7 @@ def _js_from_log(log_p: torch.Tensor, log_q: torch.Tensor, variant: str, dim: in
     if variant == "textbook":
         # ½[KL(P‖M) + KL(Q‖M)], bounded by log 2.
         return 0.5 * (kl_from_log(log_p, log_m, dim, support) + kl_from_log(log_q, log_m, dim, support))
-    # What the reference code computes through F.kl_div's argument order (spec §10.4): ½[KL(M‖P) + KL(M‖Q)].
+    # What the reference code computes through F.kl_div's argument order (NTDH's distances/jsd.py, js_divergence): ½[KL(M‖P) + KL(M‖Q)].
     return 0.5 * (kl_from_log(log_m, log_p, dim, support) + kl_from_log(log_m, log_q, dim, support))
 
 

@@ -1,4 +1,5 @@
-"""NTDH per-sample (or per-pixel) distillation weight ω, the "PSSM" mask of the reference (spec §10.1).
+"""NTDH per-sample (or per-pixel) distillation weight ω, the "PSSM" mask of the reference (NTDH's
+sklearn/utils/functions.py, pd_diff; NTDH, arXiv 2409.02438).
 
     ω_i = 1                                   if the teacher is right on sample i,
     ω_i = 1[cos_i ≥ τ] · (cos_i + 1) / 2      if the teacher is wrong,

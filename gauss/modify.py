@@ -1,4 +1,4 @@
-"""MFH Table 2 ("modify γ", spec §2.2): does a teacher retrained on the modality-general columns distil better?
+"""MFH Table 2 ("modify γ", MFH gauss/main_modify_gamma.py): does a teacher retrained on the modality-general columns distil better?
 
 Per xs2 (shared decisive dims) and run: a regular teacher on all of x1, a no-KD baseline and a regular KD student on
 x2; then, per mode, x1 columns are chosen — `random` (xs2 random columns), `gt` (the true shared columns 0..xs2−1) or
@@ -243,7 +243,7 @@ def run_table(cfg: dict, device: torch.device, log=print) -> dict:
     mg_train, mg_y, mg_teacher_acc, mg_teacher_out = modality_general_teachers(cfg, kd_train, test, columns,
                                                                                n_classes, device)
     with torch.no_grad():
-        # parity (spec §12 item 18): the reference's "regular KD" feeds x2 to the teacher and trains the student on x1
+        # parity: MFH's main_modify_gamma.run, its "regular KD" feeds x2 to the teacher and trains the student on x1
         regular_in_t, regular_in_s = (kd_train.x2, kd_train.x1) if cfg["parity"] else (kd_train.x1, kd_train.x2)
         regular_teacher_out = teacher(regular_in_t)
 

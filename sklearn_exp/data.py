@@ -1,4 +1,4 @@
-"""NTDH sklearn data (spec §3.1): `make_classification` features split into two synthetic modalities.
+"""NTDH sklearn data (NTDH sklearn/dataloader/dataset.py): `make_classification` features split into two synthetic modalities.
 
 One run draws, from its data seed s:
     X, y = make_classification(10000, n_features=50, n_informative=50, n_classes=4, 1 cluster per class, random_state=s)
@@ -11,7 +11,7 @@ So x1 and x2 share the ov real columns [20 − ov, 20); γ = ov / 20 is the frac
 x2 also sees. The informative columns 40..49 are seen by neither modality (label noise for both).
 
 The noise does not depend on ov, so one draw per run serves every γ, and x2 is the same for every γ.
-The reference seeds the data with 42 for every run (spec §12 item 22: only the model init varies); here run r uses
+The reference seeds the data with 42 for every run (NTDH sklearn/main.py, run_exp: only the model init varies); here run r uses
 data seed `seed + r` unless `same_data_every_run` (parity).
 
 Layout: feature-major (common.synthetic.vectorized), x (G, D, N), y (G, N), groups γ-major: group k·R + r is overlap k, run r.

@@ -1,4 +1,4 @@
-"""The NTDH sklearn sweep (spec §3): for every γ and run, a teacher on x1, a no-KD baseline and one KD student per
+"""The NTDH sklearn sweep (NTDH sklearn/main.py): for every γ and run, a teacher on x1, a no-KD baseline and one KD student per
 (method, mask) on x2, then Algorithm 1 on the inputs — joint CE + CE + ncjsd training, permutation saliency of every
 input column of both modalities, `mask_dim` teacher columns kept by mode alg1 | random | reverse, a teacher retrained
 on them and every KD student distilled again from it. All runs of all γ are one batched computation.
@@ -136,7 +136,7 @@ def algorithm1(cfg: dict, sweep: Sweep, variant: str, log=print) -> dict:
     a, tr = cfg["alg1"], sweep.train
     n_classes, hidden, x_dim = int(cfg["data"]["n_classes"]), cfg["model"]["hidden"], tr.x1.shape[1]
     seeds_t = init_seeds(cfg, sweep)
-    # The reference builds both joint nets from seed 42, i.e. with identical weights (spec §12 item 24).
+    # The reference builds both joint nets from seed 42, i.e. with identical weights (NTDH sklearn/main.py, run_exp).
     seeds_s = seeds_t if cfg["parity"] else init_seeds(cfg, sweep, offset=a["student_seed_offset"])
     teacher = two_layer_nn(x_dim, hidden, n_classes, sweep.groups, seeds_t).to(tr.x1.device)
     student = two_layer_nn(tr.x2.shape[1], hidden, n_classes, sweep.groups, seeds_s).to(tr.x1.device)

@@ -1,4 +1,4 @@
-"""The reference's `TwoLayerNN` (spec §3.2) for R independent runs at once.
+"""The reference's `TwoLayerNN` (NTDH sklearn/network/two_layer.py) for R independent runs at once.
 
 `two_layer_nn(in, hidden, classes, runs, seeds)` is `common.synthetic.vectorized.batched_mlp([in, h, h, classes])`: Linear →
 ReLU → Linear → ReLU → Linear, feature-major (R, D, N) → (R, C, N). The reference's unused `fc2_1` layer, its
