@@ -22,6 +22,17 @@ def _report():
     return {"done": [], "skipped": [], "failed": {}}
 
 
+def _pending(cfg, rep: dict, out_dir):
+    """(recording, output folder) for every recording whose folder lacks the `.done` marker; the finished ones are
+    listed in rep["skipped"]."""
+    for rec in D.recordings(cfg):
+        out = out_dir(cfg, rec)
+        if (out / DONE).exists():
+            rep["skipped"].append(rec)
+        else:
+            yield rec, out
+
+
 def _progress(it, enabled, desc):
     if not enabled:
         return it
@@ -88,11 +99,7 @@ def extract_faces(cfg, log: Callable[[str], None] = print, detector=None) -> dic
     import cv2
     f, rep = cfg["faces"], _report()
     bgr = f["bgr"] or cfg["parity"]
-    for rec in D.recordings(cfg):
-        out = D.faces_dir(cfg, rec)
-        if (out / DONE).exists():
-            rep["skipped"].append(rec)
-            continue
+    for rec, out in _pending(cfg, rep, D.faces_dir):
         src = D.video_path(cfg, rec)
         if not src.is_file():
             rep["failed"][rec] = f"{src}: missing"
@@ -170,11 +177,7 @@ def extract_audio(cfg, log: Callable[[str], None] = print) -> dict:
     import librosa
     import soundfile as sf
     a, rep = cfg["audio"], _report()
-    for rec in D.recordings(cfg):
-        out = D.segments_dir(cfg, rec)
-        if (out / DONE).exists():
-            rep["skipped"].append(rec)
-            continue
+    for rec, out in _pending(cfg, rep, D.segments_dir):
         src = D.audio_path(cfg, rec)
         try:
             if not src.is_file():
