@@ -5,7 +5,7 @@ import copy
 import math
 from pathlib import Path
 
-from common import plots
+from common import ntd, plots
 
 
 def _fmt(v) -> str:
@@ -96,8 +96,18 @@ def _pct(v) -> str:
     return "–" if v is None else f"{100 * v:.1f} %"
 
 
+def advisor_records(runs: dict, out_dir: Path) -> list[dict]:
+    """For the NTD advisor's check (`common.ntd.save_check_records`): where the teacher's and the no-KD student's
+    (probe's) val logits are, and the Delta the distilled student measured (val mIoU, KD − no-KD, in points)."""
+    rel = lambda run, role: (Path(run["experiment_dir"]) / "ntd" / f"{role}.npz").relative_to(out_dir)  # noqa: E731
+    delta = 100 * (runs["student"]["best"]["IOU"] - runs["baseline"]["best"]["IOU"])
+    return [{"label": "CameraNet (RGB) → LidarNet, ω-masked KL", "teacher": rel(runs["teacher"], "teacher"),
+             "probe": rel(runs["baseline"], "probe"), "delta": delta}]
+
+
 def reproduce(results_dir: Path, device: str = "auto") -> str:
     out_dir = Path(results_dir) / "semantic_kitti"
     runs = run_demo(out_dir, device)
+    ntd.save_check_records(out_dir, advisor_records(runs, out_dir))
     plot(runs, out_dir)
     return section(runs, out_dir, Path(results_dir))

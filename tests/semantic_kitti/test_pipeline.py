@@ -204,6 +204,8 @@ def test_report_section_from_the_demo_summaries(demo_run, tmp_path):
     assert all(p.stat().st_size > 1000 for p in pngs)
     assert "| best epoch | val mIoU (best) | val mIoU (last epoch) |" in text and "ω < 1" in text
     assert "nan" not in text.lower()
+    (rec,) = report.advisor_records(runs, root / "exp")
+    assert (root / "exp" / rec["teacher"]).is_file() and rec["delta"] == 0.0  # the KD student stands in as baseline
 
 
 def test_unwritable_save_path_is_a_one_line_error(demo_run, tmp_path, capsys):
