@@ -140,6 +140,8 @@ def test_kd_weights_paper_exact_and_sane():
     ("loss.terms.kd.temperature=0", "loss.terms.kd.temperature' expects a value in (0, inf)"),
     ("data.gold_nan=keep", "data.gold_nan' must be one of refuse, drop"),
     ("audio.format=png", "audio.format' must be one of jpg, npy"),
+    ("loss.mask=omega", "loss.mask' must be one of none"),
+    ("demo.weightings=[paper,bogus]", "demo.weightings' must be one of paper, sane, fixed"),
 ])
 def test_config_checks_are_one_line(setting, needle):
     with pytest.raises(PL.C.ConfigError) as e:
