@@ -325,7 +325,12 @@ class PerspectiveViewDataset(Dataset):
         self.labels, self.cfg, self.train, self.zbuffer = labels, data_cfg, train, zbuffer
         self.seed, self.epoch, self.rgb_norm = seed, SharedEpoch(), rgb_norm
         self.jitter = list(data_cfg["color_jitter"]) if train and any(data_cfg["color_jitter"]) else None
-        self._calib: dict[Path, dict] = {}
+        # one calib.txt per sequence, read here in the main process: a damaged one is a one-line error at start-up
+        self._calib = {f.calib: None for f in self.frames}
+        for path in self._calib:
+            if not path.is_file():
+                raise DataError(f"{path}: calib.txt not found")
+            self._calib[path] = parse_calib(path)
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -334,13 +339,6 @@ class PerspectiveViewDataset(Dataset):
         """Called in the main process each epoch; DataLoader workers (persistent ones too) read it through the
         shared value, so each epoch draws new augmentations."""
         self.epoch.set(epoch)
-
-    def calib(self, path: Path) -> dict:
-        if path not in self._calib:
-            if not path.is_file():
-                raise DataError(f"{path}: calib.txt not found")
-            self._calib[path] = parse_calib(path)
-        return self._calib[path]
 
     def view(self, i: int, rng: np.random.Generator) -> torch.Tensor:
         f = self.frames[i]
@@ -353,7 +351,7 @@ class PerspectiveViewDataset(Dataset):
         if self.jitter is not None:
             image = color_jitter(image, self.jitter, rng)
         rgb = np.asarray(image, dtype=np.float32) / 255.0
-        cal = self.calib(f.calib)
+        cal = self._calib[f.calib]
         feats = augment_points(points, self.cfg["pcd_aug"], rng) if (self.train and self.cfg["pcd_aug"]["enabled"]) \
             else None
         return torch.from_numpy(build_view(points, lab, rgb, cal["P2"], cal["Tr"], self.zbuffer, feats))

@@ -80,7 +80,8 @@ class Trainer:
         try:
             self._setup(resume is not None)
         except BaseException:
-            self.rd.close()  # flush the log, release the run directory's lock
+            # a new run that failed before training leaves no empty directory; a resumed one is only closed
+            (self.rd.close if resume is not None else self.rd.discard)()
             raise
 
     def _setup(self, resume: bool) -> None:

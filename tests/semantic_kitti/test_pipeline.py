@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -215,3 +216,17 @@ def test_unwritable_save_path_is_a_one_line_error(demo_run, tmp_path, capsys):
         cli(lambda: sk_main.main(tiny(root, f"save_path={tmp_path / 'file' / 'exp'}", demo=False)))
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.count("\n") == 0 and "cannot create the experiment directory" in err
+
+
+def test_damaged_calib_is_a_one_line_error_at_start_up_with_workers(demo_run, tmp_path, capsys):
+    root, _ = demo_run
+    data = tmp_path / "sequences"
+    shutil.copytree(root / "data" / "sequences", data)
+    (data / "00" / "calib.txt").write_bytes(b"P2: 1 2\xff\n")
+    with pytest.raises(SystemExit) as e:
+        cli(lambda: sk_main.main(tiny(root, f"data_root={data}", f"save_path={tmp_path / 'exp'}", "n_threads=2",
+                                      demo=False)))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == f"error: {data / '00' / 'calib.txt'}: not UTF-8 text (byte 7); expected " \
+                                        f"'KEY: 12 floats' lines"
+    assert not list((tmp_path / "exp").glob("log_*"))  # no empty run directory left behind
