@@ -65,3 +65,15 @@ def test_imagenet_weights_offline_say_how(monkeypatch):
                                         r"offline, download https://download.pytorch.org/models/resnet18-f37072fd.pth"):
         models.CameraNet(3, 20, "resnet18", "torchvision", log=lambda *_: None)
 
+
+
+def test_what_the_declared_checks_cannot_say():
+    from semantic_kitti.option import Option
+    cfg = _cfg()
+    Option(cfg)
+    for key, value, needle in [("data", {**cfg["data"], "train_crop": [250, 1024]}, "divisible by 16"),
+                               ("data", {**cfg["data"], "pad": [200, 3]}, "2·pad < the crop sizes"),
+                               ("batch_size", [4], r"\[train, val\]"), ("gpu", "0,0", "distinct"),
+                               ("val_sequences", [], "non-empty")]:
+        with pytest.raises(ConfigError, match=needle):
+            Option({**cfg, key: value})
