@@ -389,6 +389,17 @@ def generator_dir(path: str | os.PathLike, what: str = "demo data") -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 # Entry point
 
+def worker_error(e: UserError) -> UserError:
+    """A UserError raised in a DataLoader worker reaches the main process re-raised by torch as "Caught DataError in
+    DataLoader worker process 0. Original Traceback ..."; give back the worker's own one line."""
+    text = str(e)
+    if not text.startswith("Caught "):
+        return e
+    lines = [line for line in text.splitlines() if line.strip()]
+    head, sep, message = lines[-1].partition(": ")
+    return type(e)(message if sep and head.endswith(type(e).__name__) else lines[-1])
+
+
 def cli(main_fn: Callable[[], Any]) -> Any:
     """Run an experiment's main(): a UserError becomes `error: <message>` on stderr and exit code 2, Ctrl-C exit 130.
 
@@ -397,8 +408,8 @@ def cli(main_fn: Callable[[], Any]) -> Any:
     """
     try:
         return main_fn()
-    except UserError as e:
-        print(f"error: {_one_line(e, limit=1000)}", file=sys.stderr)
+    except UserError as e:  # (one from a DataLoader worker: its own line, not torch's flattened traceback)
+        print(f"error: {_one_line(worker_error(e), limit=1000)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from common.config import DataError, UserError
+from common.config import DataError
 
 EMOTIONS = ["neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised"]
 MODALITIES = {"01": "full-AV", "02": "video-only", "03": "audio-only"}
@@ -253,30 +253,6 @@ def make_loader(ds: Dataset, batch_size: int, shuffle: bool, num_workers: int, d
     return DataLoader(ds, batch_size=bs, shuffle=shuffle, num_workers=num_workers, generator=generator,
                       worker_init_fn=seed_worker if num_workers else None,
                       pin_memory=torch.device(device).type == "cuda", persistent_workers=False)
-
-
-def worker_error(e: UserError) -> UserError:
-    """A UserError raised in a DataLoader worker reaches the main process as "Caught DataError in DataLoader worker
-    process 0. Original Traceback ..." (torch's ExceptionWrapper.reraise); give back the worker's own one line."""
-    text = str(e)
-    if not text.startswith("Caught "):
-        return e
-    lines = [line for line in text.splitlines() if line.strip()]
-    head, sep, message = lines[-1].partition(": ")
-    return type(e)(message if sep and head.endswith(type(e).__name__) else lines[-1])
-
-
-def batches(loader):
-    """Iterate `loader`; a bad file's error from a worker process is the worker's one-line error (`worker_error`)."""
-    it = iter(loader)
-    while True:
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        except UserError as e:
-            raise worker_error(e) from None
-        yield batch
 
 
 def datasets(root: str | Path, cfg: dict) -> dict[str, AudioImageDataset]:

@@ -73,7 +73,7 @@ def saliency_batches(loader, device, last_only: bool) -> list:
     """(audio, image, label) batches for step 2: every batch of the loader (the saliency averages over all of
     them), or, with `last_only` (parity), only its last batch — the reference's `cal_overlap_tag` overwrote its tag
     array on every batch, so only the last one counted."""
-    triples = [(b["audio"].to(device), b["image"].to(device), b["label"].to(device)) for b in D.batches(loader)]
+    triples = [(b["audio"].to(device), b["image"].to(device), b["label"].to(device)) for b in loader]
     return triples[-1:] if last_only else triples
 
 

@@ -40,7 +40,7 @@ def predict(model: nn.Module, loader, key: str, device) -> tuple[torch.Tensor, t
     """(logits (N, C), labels (N,)) of `model` on every batch of `loader`, on the CPU, in the loader's order."""
     model.eval()
     outs, labels = [], []
-    for batch in D.batches(loader):
+    for batch in loader:
         batch = _to(batch, device)
         outs.append(model(batch[key]).float().cpu())
         labels.append(batch["label"].cpu())
@@ -89,7 +89,7 @@ def fit(student: nn.Module, objective, train_set, loaders: dict, *, teacher: nn.
     for epoch in range(start + 1, e["epochs"] + 1):
         student.train()
         objective.train()
-        bar = tqdm(D.batches(train), total=len(train), desc=f"{tag} epoch {epoch}/{e['epochs']}", leave=False,
+        bar = tqdm(train, total=len(train), desc=f"{tag} epoch {epoch}/{e['epochs']}", leave=False,
                    disable=not cfg["progress"])
         for i, batch in enumerate(bar, 1):
             loss, parts = step(student, teacher, objective, _to(batch, device))
@@ -149,7 +149,7 @@ def joint_fit(teacher: nn.Module, student: nn.Module, train_set, *, cfg: dict, d
     start = ckpt.load(device)["epoch"] if ckpt.exists() else 0
     for epoch in range(start + 1, t["epochs"] + 1):
         teacher.train(), student.train()
-        for i, batch in enumerate(D.batches(train), 1):
+        for i, batch in enumerate(train, 1):
             loss, parts = joint_step(teacher, student, _to(batch, device), distance, tag_variant(cfg))
             check_finite(loss, parts, epoch=epoch, step=i, where=tag)
             optimizer.zero_grad(set_to_none=True)

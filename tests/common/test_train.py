@@ -249,3 +249,24 @@ def test_seed_everything_takes_derived_seeds():
     a = np.random.rand()
     seed_everything(derived_seed(0, "nyu_ssc", "student", 2))
     assert np.random.rand() == a
+
+
+def test_cli_prints_a_workers_one_line(tmp_path):
+    """A DataError raised inside a DataLoader worker is printed as the worker's own line, not torch's traceback."""
+    code = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {str(ROOT)!r})
+        import torch
+        from torch.utils.data import DataLoader, Dataset
+        from common.config import DataError
+        from common.run import cli
+        class Bad(Dataset):
+            def __len__(self): return 4
+            def __getitem__(self, i): raise DataError(f"scan_{{i:03d}}.bin: expected float32 x4 records")
+        if __name__ == "__main__":
+            cli(lambda: list(DataLoader(Bad(), batch_size=2, num_workers=2)))
+    """)
+    script = tmp_path / "w.py"
+    script.write_text(code)
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith("error: scan_00") and p.stderr.count("\n") == 1, p.stderr
+    assert "Traceback" not in p.stderr and "Caught" not in p.stderr

@@ -3,6 +3,8 @@ import json
 
 import numpy as np
 import pytest
+
+from common.run import worker_error
 import torch
 
 from common.config import DataError
@@ -137,8 +139,8 @@ def test_a_workers_error_is_its_one_line(features, cfg, tmp_path):
     np.save(root / "aud_features" / aud, np.full((40, 32), np.nan, np.float32))
     loader = D.make_loader(D.AudioImageDataset(root, cfg, "val"), 2, False, 2, "cpu")
     with pytest.raises(DataError) as e:
-        list(D.batches(loader))
-    msg = str(e.value)
+        list(loader)
+    msg = str(worker_error(e.value))  # what common.run.cli prints
     assert "\n" not in msg and msg.startswith(str(root / "aud_features" / aud)) and "non-finite value nan" in msg
     assert "Traceback" not in msg and "Caught DataError" not in msg
 
