@@ -1,6 +1,6 @@
 """The k intervened copies of an activation that Algorithm 1's step 2 evaluates in one teacher forward: a generic
-copy of the activation per channel, or, at the input of a model starting with an nn.Linear, a rank-1 update of that
-layer's output (the same numbers and random draws)."""
+copy of the activation per channel, or, where the activation feeds an nn.Linear (common.saliency.rank1 decides), a
+rank-1 update of that layer's output (the same numbers and random draws)."""
 from __future__ import annotations
 
 import torch
@@ -39,20 +39,6 @@ def _expand_copies(a: torch.Tensor, channels: torch.Tensor, op: str, batch_dim: 
     return copies.flatten(b, b + 1)
 
 
-def _leading_linear(model: nn.Module) -> nn.Linear | None:
-    """The nn.Linear that receives the model's input: the model itself or the first entry of (nested)
-    nn.Sequential; None otherwise."""
-    m = model
-    while isinstance(m, nn.Sequential) and len(m):
-        m = m[0]
-    return m if type(m) is nn.Linear else None
-
-
-def _rank1_layout(x: torch.Tensor, batch_dim: int, channel_dim: int | None) -> bool:
-    """Whether the input's channel axis is nn.Linear's input-feature axis: (B, D) with batch_dim 0."""
-    return x.dim() == 2 and _axes(x, batch_dim, channel_dim) == (0, 1)
-
-
 def _rank1_delta(clean: torch.Tensor, op: str, perms: torch.Tensor | None) -> torch.Tensor:
     """x̃_c − x_c for the intervened channels, clean (…, k, n) with the samples last; perms (k, n) for "permute"."""
     if op == "zero":
@@ -64,12 +50,12 @@ def _rank1_delta(clean: torch.Tensor, op: str, perms: torch.Tensor | None) -> to
 
 def _rank1_copies(layer: nn.Linear, x: torch.Tensor, out: torch.Tensor, channels: torch.Tensor, op: str,
                   generator: torch.Generator | None) -> torch.Tensor:
-    """The first linear layer's output on the k intervened copies of its input (B, D) that `_expand_copies` would
+    """A linear layer's output on the k intervened copies of its input (B, D) that `_expand_copies` would
     build (the same random draws, in the same order), from its clean output (B, H) alone.
 
     Changing input channel c from x_c to x̃_c changes W x + b by the rank-1 term W[:, c] ⊗ (x̃_c − x_c), so a copy
-    costs one multiply-add of the layer's output size, and neither the (k × input) copies nor the k first-layer
-    matmuls are made. The copy axis goes right before the batch axis, as in `_expand_copies`: (k·B, H).
+    costs one multiply-add of the layer's output size, and neither the (k × D) copies nor the k layer matmuls are
+    made. The copy axis goes right before the batch axis, as in `_expand_copies`: (k·B, H).
     """
     channels = channels.to(x.device)
     clean = x[:, channels].t()                                                            # (k, B)

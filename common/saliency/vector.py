@@ -10,9 +10,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from common.divergence import JS_VARIANTS
-from common.saliency.copies import _expand_copies, _leading_linear, _rank1_copies, _rank1_layout
+from common.saliency.copies import _expand_copies
 from common.saliency.distances import Distance, _check_distance, _class_axis, _FixedStudent, minmax_normalize
 from common.saliency.hooks import _check_op, _hook_at, channel_count
+from common.saliency.rank1 import find_site
 
 
 def check_saliency_args(op: str, distance: Distance, variant: str, repeats: int, chunk: int) -> None:
@@ -52,9 +53,12 @@ def saliency_vector(teacher: nn.Module, student: nn.Module, batches: Iterable, p
     This needs every layer after `place` to be per-sample (eval mode) and `place` to be the only path from the input
     to the output (true for "input" and for sequential models; a skip connection around `place` fails on shapes).
 
-    rank1: at place "input" of a model whose first layer is an nn.Linear on (B, D), build the k copies at that
-    layer's output by a rank-1 update of its clean output instead of copying the input (`_rank1_copies`): the same
-    numbers and random draws, up to float rounding, at a fraction of the cost. False forces the copy path.
+    rank1: where the activation at `place` feeds one nn.Linear and nothing else (the input of an MLP, or a hidden
+    activation such as an MLP's post-activation output), build the k copies at that layer's output by a rank-1
+    update of its clean output, with everything before that layer computed once per batch (common.saliency.rank1):
+    the same numbers and random draws as the copy path, up to float rounding, at a fraction of the cost. Whether it
+    is exact is decided once per call from a traced forward of the first batch; otherwise the copy path runs.
+    False forces the copy path.
     """
     check_saliency_args(op, distance, variant, repeats, chunk)
     # Zero and mean fills are deterministic: M repeats would give M identical values.
@@ -76,6 +80,7 @@ def saliency_vector(teacher: nn.Module, student: nn.Module, batches: Iterable, p
                 if probe is None:   # from the first batch: the layout is the same for every batch
                     probe = _Probe(teacher, place, x_t, h_s, batch_dim, channel_dim, class_dim, rank1)
                 fixed = _FixedStudent(h_s, y, distance, variant, batch_dim, probe.classes)
+                probe.start_batch(x_t)
                 sums = sum(probe.distances(x_t, fixed, op, chunk, generator) for _ in range(n_repeats))
                 batch_size = x_t.shape[batch_dim]
                 weighted = sums * (batch_size / n_repeats)
@@ -96,8 +101,12 @@ class _Probe:
         self.teacher, self.place, self.batch_dim, self.channel_dim = teacher, place, batch_dim, channel_dim
         self.n_channels = channel_count(teacher, place, x_t, batch_dim, channel_dim)
         self.classes = _class_axis(h_s, batch_dim, class_dim)
-        lead = _leading_linear(teacher) if rank1 and place == "input" else None
-        self.lead = lead if lead is not None and _rank1_layout(x_t, batch_dim, channel_dim) else None
+        self.site = find_site(teacher, place, x_t, batch_dim, channel_dim) if rank1 else None
+
+    def start_batch(self, x_t: torch.Tensor) -> None:
+        """The rank-1 path's clean forward of a new batch (nothing to do on the copy path)."""
+        if self.site is not None:
+            self.site.capture(x_t)
 
     def distances(self, x_t: torch.Tensor, fixed: "_FixedStudent", op: str, chunk: int,
                   generator: torch.Generator | None) -> torch.Tensor:
@@ -106,16 +115,15 @@ class _Probe:
         pieces = []
         for start in range(0, self.n_channels, chunk):
             channels = torch.arange(start, min(start + chunk, self.n_channels), device=x_t.device)
-            if self.lead is not None:
-                handle = self.lead.register_forward_hook(
-                    lambda m, args, out, ch=channels: _rank1_copies(m, args[0], out, ch, op, generator))
+            if self.site is not None:
+                out = self.site.forward_copies(x_t, channels, op, generator)
             else:
                 expand = lambda a, ch=channels: _expand_copies(a, ch, op, b, self.channel_dim, generator)
                 handle = _hook_at(self.teacher, self.place, expand)
-            try:
-                out = self.teacher(x_t)
-            finally:
-                handle.remove()
+                try:
+                    out = self.teacher(x_t)
+                finally:
+                    handle.remove()
             k = channels.numel()
             if out.shape[b] != k * batch_size:
                 raise ValueError(f"the output's batch axis has {out.shape[b]} samples, expected {k}×{batch_size}: "
