@@ -1,4 +1,6 @@
-"""Evaluation metrics: accuracy, a confusion matrix for (m)IoU, and the concordance correlation coefficient (CCC)."""
+"""Evaluation metrics: accuracy, a confusion matrix for (m)IoU, the concordance correlation coefficient (CCC) and the
+rank correlations of the NTDH check (pooled, within-setting and setting-controlled Spearman ρ with bootstrap
+intervals)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -128,39 +130,89 @@ def ccc_loss(pred: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
     return 1 - ccc(pred.reshape(-1), gold.reshape(-1), dim=-1)
 
 
-def _average_ranks(v: np.ndarray) -> np.ndarray:
-    """Ranks 1..n, ties sharing their average rank (scipy.stats.rankdata's default)."""
-    order = np.argsort(v, kind="mergesort")
-    sorted_v = v[order]
-    starts = np.flatnonzero(np.r_[True, sorted_v[1:] != sorted_v[:-1]])      # first index of each tie block
-    ends = np.r_[starts[1:], v.size]
-    ranks = np.empty(v.size)
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-    return ranks
-
+# ----------------------------------------------------------------------------------------------------------------
+# Rank correlations of the NTDH check (synthetic sweeps): Spearman's ρ pooled over all runs, within each setting (γ),
+# and the γ-controlled partial correlation, each with a percentile bootstrap 95 % interval (scipy.stats).
 
 def spearman(x, y) -> tuple[float, float]:
-    """Spearman's rank correlation ρ and its two-sided p-value (t-distribution with n − 2 degrees of freedom), as
-    scipy.stats.spearmanr; NaN for constant input or n < 3. Written out so that a run does not import scipy.stats
-    (over a second of start-up) for one number."""
-    from scipy.special import stdtr
+    """Spearman's rank correlation ρ and its two-sided p-value (scipy.stats.spearmanr); NaN for constant input or
+    n < 3."""
+    from scipy.stats import spearmanr
 
     x, y = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
     if x.size != y.size:
         raise ValueError(f"spearman: x has {x.size} values, y has {y.size}")
-    n = x.size
-    if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan"), float("nan")
-    rho = float(np.clip(np.corrcoef(_average_ranks(x), _average_ranks(y))[0, 1], -1.0, 1.0))
-    if abs(rho) == 1.0:
-        return rho, 0.0
-    t = rho * np.sqrt((n - 2) / (1 - rho * rho))
-    return rho, float(2 * stdtr(n - 2, -abs(t)))
+    rho, p = spearmanr(x, y)
+    return float(rho), float(p)
 
 
-def spearman_summary(x: np.ndarray, y: np.ndarray) -> dict:
-    """(settings, runs) arrays → ρ over every run of every setting (with p and n), and ρ over the per-setting
-    means (NaN with fewer than 3 settings): the NTDH check of the synthetic experiments."""
+def _pearson(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    a = a - a.mean(axis, keepdims=True)
+    b = b - b.mean(axis, keepdims=True)
+    den = np.sqrt((a * a).sum(axis) * (b * b).sum(axis))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (a * b).sum(axis) / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _rank_corr(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Spearman ρ along `axis` (vectorised over bootstrap resamples): Pearson of scipy.stats.rankdata ranks."""
+    from scipy.stats import rankdata
+
+    return _pearson(rankdata(x, axis=axis), rankdata(y, axis=axis), axis)
+
+
+def _partial_rank_corr(x: np.ndarray, y: np.ndarray, g: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Spearman ρ of x and y controlling for the categorical setting g: ranks over all pairs, each rank's mean over
+    its setting subtracted (the residual of a regression on one indicator per setting), Pearson of the residuals."""
+    from scipy.stats import rankdata
+
+    rx, ry = rankdata(x, axis=axis), rankdata(y, axis=axis)
+    for v in np.unique(g):
+        m = (g == v).astype(float)
+        n = np.maximum(m.sum(axis, keepdims=True), 1.0)
+        rx = rx - m * (rx * m).sum(axis, keepdims=True) / n
+        ry = ry - m * (ry * m).sum(axis, keepdims=True) / n
+    return _pearson(rx, ry, axis)
+
+
+def _interval(data: tuple, statistic, n_resamples: int, seed: int) -> list[float] | None:
+    """Percentile bootstrap 95 % interval (scipy.stats.bootstrap, paired resampling, seeded); resamples without a
+    defined value (constant ranks) are left out; None when fewer than half are defined."""
+    import warnings
+
+    from scipy.stats import bootstrap
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        boot = bootstrap(data, statistic, paired=True, vectorized=True, n_resamples=n_resamples,
+                         confidence_level=0.95, method="percentile", rng=np.random.default_rng(seed))
+    dist = np.asarray(boot.bootstrap_distribution)
+    ok = np.isfinite(dist)
+    if ok.mean() < 0.5:
+        return None
+    return [float(v) for v in np.percentile(dist[ok], [2.5, 97.5])]
+
+
+def spearman_summary(x: np.ndarray, y: np.ndarray, *, n_resamples: int = 1000, seed: int = 0) -> dict:
+    """(settings, runs) arrays → the NTDH check of a synthetic sweep:
+    rho, p, n: Spearman ρ over every run of every setting (pooled: the setting, γ, drives it);
+    rho_means: ρ over the per-setting means (NaN with fewer than 3 settings);
+    within: per setting {"rho", "ci"}, ρ over that setting's runs with a bootstrap 95 % interval;
+    partial: {"rho", "ci"}, the γ-controlled partial rank correlation (ranks centred per setting) with its interval.
+    An undefined ρ (constant input, fewer than 3 runs) is NaN with ci None."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     rho, p = spearman(x, y)
     rho_means = spearman(x.mean(1), y.mean(1))[0] if x.shape[0] > 2 else float("nan")
-    return {"rho": rho, "p": p, "n": int(x.size), "rho_means": rho_means}
+    within = []
+    for s in range(x.shape[0]):
+        r = spearman(x[s], y[s])[0]
+        ci = None if np.isnan(r) else _interval((x[s], y[s]), _rank_corr, n_resamples, seed + s)
+        within.append({"rho": r, "ci": ci})
+    g = np.repeat(np.arange(x.shape[0]), x.shape[1])
+    part = float(_partial_rank_corr(x.ravel(), y.ravel(), g))
+    part_ci = None if np.isnan(part) or x.shape[1] < 3 else \
+        _interval((x.ravel(), y.ravel(), g), _partial_rank_corr, n_resamples, seed + x.shape[0])
+    return {"rho": rho, "p": p, "n": int(x.size), "rho_means": rho_means, "within": within,
+            "partial": {"rho": part, "ci": part_ci}}

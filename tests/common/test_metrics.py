@@ -134,3 +134,39 @@ def test_spearman_matches_scipy_with_ties_and_degenerate_input():
     assert abs(rho - 1) < 1e-12 and p < 1e-12
     s = spearman_summary(np.arange(12.0).reshape(3, 4), -np.arange(12.0).reshape(3, 4))
     assert abs(s["rho"] + 1) < 1e-12 and abs(s["rho_means"] + 1) < 1e-12 and s["n"] == 12
+
+
+def test_within_setting_correlation_on_a_constructed_case():
+    """Across settings x and y rise together (pooled ρ > 0), inside every setting y falls as x rises: the within-
+    setting ρ and the setting-controlled partial ρ are −1 exactly, with intervals that exclude 0; a setting where y
+    is independent noise has an interval that contains 0."""
+    from common.metrics import spearman_summary
+    rng = np.random.default_rng(1)
+    u = rng.permutation(np.linspace(0, 1, 30))
+    x = np.stack([10.0 * s + u for s in range(4)])
+    y = np.stack([10.0 * s - u for s in range(4)])
+    s = spearman_summary(x, y, n_resamples=400)
+    assert s["rho"] > 0.8 and s["rho_means"] == 1.0
+    for w in s["within"]:
+        assert abs(w["rho"] + 1) < 1e-12 and w["ci"][1] < 0
+    assert abs(s["partial"]["rho"] + 1) < 1e-12 and s["partial"]["ci"][1] < 0
+    noise = rng.normal(size=(2, 60))
+    s = spearman_summary(np.stack([u.repeat(2)] * 2), noise, n_resamples=400)
+    assert all(w["ci"][0] < w["rho"] < w["ci"][1] and w["ci"][0] < 0 < w["ci"][1] for w in s["within"])
+    assert s["within"][0]["rho"] != s["within"][1]["rho"]
+
+
+def test_partial_correlation_removes_the_setting_effect():
+    """y = setting mean + noise correlated with x within settings: the partial ρ equals the pooled ρ of the
+    within-setting residuals, which scipy computes independently."""
+    from scipy import stats
+
+    from common.metrics import spearman_summary
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 50))
+    y = 0.6 * x + rng.normal(size=(3, 50)) + np.array([[0.0], [5.0], [-5.0]])
+    s = spearman_summary(x, y, n_resamples=200)
+    rx = stats.rankdata(x.ravel()).reshape(3, 50)
+    ry = stats.rankdata(y.ravel()).reshape(3, 50)
+    ref = stats.pearsonr((rx - rx.mean(1, keepdims=True)).ravel(), (ry - ry.mean(1, keepdims=True)).ravel())[0]
+    assert abs(s["partial"]["rho"] - ref) < 1e-12 and 0.3 < s["partial"]["rho"] and s["partial"]["ci"][0] > 0
