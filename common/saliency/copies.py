@@ -64,4 +64,5 @@ def _rank1_copies(layer: nn.Linear, x: torch.Tensor, out: torch.Tensor, channels
         perms = torch.stack([_randperm(clean.shape[-1], generator, x.device) for _ in range(channels.numel())])
     delta = _rank1_delta(clean, op, perms)
     w = layer.weight[:, channels].t()                                                     # (k, H)
-    return torch.addcmul(out.unsqueeze(0), delta.unsqueeze(-1), w.unsqueeze(1)).flatten(0, 1)
+    copies = out.expand(channels.numel(), *out.shape).clone(memory_format=torch.contiguous_format)  # (k, B, H)
+    return copies.addcmul_(delta.unsqueeze(-1), w.unsqueeze(1)).flatten(0, 1)
