@@ -57,8 +57,9 @@ def saliency_vector(teacher: nn.Module, student: nn.Module, batches: Iterable, p
     activation such as an MLP's post-activation output), build the k copies at that layer's output by a rank-1
     update of its clean output, with everything before that layer computed once per batch (common.saliency.rank1):
     the same numbers and random draws as the copy path, up to float rounding, at a fraction of the cost. Whether it
-    is exact is decided once per call from a traced forward of the first batch; otherwise the copy path runs.
-    False forces the copy path.
+    is exact is decided once per call from a traced forward of the first batch; otherwise the copy path runs. That
+    path evaluates at most `chunk` channels per forward, fewer when a block of copies would not fit in cache
+    (common.saliency.rank1.BLOCK_ENTRIES). False forces the copy path.
     """
     check_saliency_args(op, distance, variant, repeats, chunk)
     # Zero and mean fills are deterministic: M repeats would give M identical values.
@@ -113,8 +114,9 @@ class _Probe:
         """One repeat: the distance of every channel's intervened output to the student, (..., C) float64."""
         b, batch_size = self.batch_dim, x_t.shape[self.batch_dim]
         pieces = []
-        for start in range(0, self.n_channels, chunk):
-            channels = torch.arange(start, min(start + chunk, self.n_channels), device=x_t.device)
+        step = chunk if self.site is None else self.site.block(chunk)
+        for start in range(0, self.n_channels, step):
+            channels = torch.arange(start, min(start + step, self.n_channels), device=x_t.device)
             if self.site is not None:
                 out = self.site.forward_copies(x_t, channels, op, generator)
             else:
