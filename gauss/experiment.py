@@ -1,6 +1,8 @@
 """The Gaussian sweeps (NTDH / MFH γ sweep, MFH α sweep): for every setting, a teacher on x1, a no-KD baseline on x2
 and one KD student per (method, mask) on x2 — all runs of all settings trained as one batched computation
-(common.synthetic.vectorized models, common.synthetic.fastfit trainer).
+(gauss/trainer.py) — then evaluated: accuracies, the teacher–student divergence (the JS of the target mass
+[p_y, 1 − p_y] with two classes, `target_mass_js`; the non-target JS `ncjsd` with more) on all test samples and on
+those ω keeps, CMD, the reference's error distribution, and the NTDH rank correlations.
 """
 from __future__ import annotations
 
@@ -10,14 +12,15 @@ import numpy as np
 import torch
 
 from common import divergence as D
-from common.synthetic import dispatch
 from common.synthetic import sweep as sweep_protocol
-from common.run import derived_seed
-from common.synthetic.vectorized import BatchedLinear, accuracy
-from gauss import data
+from common.synthetic.vectorized import accuracy
+from gauss import data, trainer
 
+#: the divergence column: two classes (the generators' labels), so the JS of the target mass, not the non-target JS
+DIVERGENCE = sweep_protocol.divergence_name(2)
 CSV_COLUMNS = ["loss", "mask", "gamma", "overlap_dim", "runs", "teacher_acc", "no_kd_acc", "kd_acc", "delta_mean",
-               "delta_std", "ncjsd", "cmd_input", "cmd_output"]
+               "delta_std", DIVERGENCE, f"{DIVERGENCE}_kept", "omega_kept_share", "rho_within", "rho_within_lo",
+               "rho_within_hi", "cmd_input", "cmd_output"]
 # increase_alpha: the swept quantity is α (and the teacher-exclusive dims xs1); γ = 1 − α and overlap_dim = xs2
 ALPHA_CSV_COLUMNS = ["loss", "mask", "alpha", "gamma", "exclusive_dim", *CSV_COLUMNS[3:]]
 SWEEP_GENERATORS = ("increase_gamma", "increase_alpha")
@@ -66,35 +69,6 @@ def build_sweep(cfg: dict, first_run: int = 0) -> Sweep:
     return Sweep(settings, cfg["runs"], train, test, first_run)
 
 
-def init_seeds(cfg: dict, sweep: Sweep, role: int) -> list[int]:
-    """Model-init seed per group: run r of every setting shares one seed per role (teacher 0, KD student 1,
-    baseline 2), as the reference reseeds torch with the run's seed for every γ."""
-    return [3 * (cfg["seed"] + sweep.first_run + r) + role for _ in sweep.settings for r in range(sweep.runs)]
-
-
-def train_linear(cfg, sweep: Sweep, x: torch.Tensor, role: int, desc: str, objective=None, teacher_out=None):
-    model = BatchedLinear(x.shape[1], int(sweep.train.y.max()) + 1, runs=sweep.groups,
-                          seeds=init_seeds(cfg, sweep, role)).to(x.device)
-    t = cfg["train"]
-    # CE, and CE + KL without a mask (the default), by their closed-form gradients; other objectives by autograd
-    return dispatch.train(model, x, sweep.train.y, epochs=t["epochs"], lr=t["lr"], momentum=t["momentum"],
-                          objective=objective, teacher_out=teacher_out, desc=desc, progress=cfg["progress"],
-                          engine=t["engine"])
-
-
-def nontarget_divergence(z_s: torch.Tensor, z_t: torch.Tensor, y: torch.Tensor, variant: str) -> torch.Tensor:
-    """Per-group mean non-target JS between (R, C, N) logits. With two classes the renormalised non-target
-    distribution is a single point, so the JS of the non-target *mass* [p_y, 1 − p_y] is used instead."""
-    if z_s.shape[1] > 2:
-        return D.nontarget_js(z_s, z_t, y, variant, dim=1).mean(-1)
-    return D.target_js(z_s, z_t, y, variant, dim=1).mean(-1)
-
-
-def objective_for(cfg: dict, method: str, mask: str, sweep, n_classes: int):
-    """The sweep's Objective of one (method, mask) (common.synthetic.sweep.objective_for) for sweep.train.y."""
-    return sweep_protocol.objective_for(cfg, method, mask, sweep.train.y, n_classes)
-
-
 def run_sweep(cfg: dict, device: torch.device, log=print) -> dict:
     """Train everything — in this process, or with the runs cut into blocks over `workers` CPU processes — and
     return {"rows", "per_run", "correlations", "settings", "seconds", "workers"}."""
@@ -110,14 +84,13 @@ def sweep_block(cfg: dict, first_run: int = 0, device: torch.device | str = "cpu
     sweep = build_sweep(cfg, first_run)
     sweep.train, sweep.test = sweep.train.to(device), sweep.test.to(device)
     tr, te = sweep.train, sweep.test
-    n_classes = int(tr.y.max()) + 1
     variant = "reference" if cfg["parity"] else cfg["analysis"]["js_variant"]
     moments = cfg["analysis"]["cmd_moments"]
     log(f"{len(sweep.settings)} settings × {sweep.runs} runs = {sweep.groups} groups, "
         f"{cfg['train']['epochs']} full-batch epochs each, device {device}")
 
-    teacher = train_linear(cfg, sweep, tr.x1, 0, "teacher")
-    baseline = train_linear(cfg, sweep, tr.x2, 2, "no-KD baseline")
+    teacher = trainer.train_teacher(cfg, sweep)
+    baseline = trainer.train_baseline(cfg, sweep)
     with torch.no_grad():
         teacher_train = teacher(tr.x1)
         teacher_acc = sweep.per_setting(accuracy(teacher(te.x1), te.y))
@@ -127,15 +100,16 @@ def sweep_block(cfg: dict, first_run: int = 0, device: torch.device | str = "cpu
     per_run = {}
     for method in cfg["kd"]["losses"]:
         for mask in cfg["kd"]["masks"]:
-            # each configuration (and each block of runs) draws from its own stream, whatever ran before it
-            torch.manual_seed(derived_seed(cfg["seed"], method, mask, first_run))
-            objective = objective_for(cfg, method, mask, sweep, n_classes).to(device)
-            student = train_linear(cfg, sweep, tr.x2, 1, f"{method}/{mask}", objective, teacher_train)
+            student = trainer.train_student(cfg, sweep, method, mask, teacher_train)
             with torch.no_grad():
+                student_train = student(tr.x2)
+                divs = sweep_protocol.divergences(student(te.x2), teacher(te.x1), te.y, variant, cfg["kd"]["omega"])
+                errors = sweep_protocol.error_distribution(student_train, teacher_train, tr.y)
                 per_run[f"{method}/{mask}"] = {
                     "kd_acc": sweep.per_setting(accuracy(student(te.x2), te.y)),
-                    "ncjsd": sweep.per_setting(nontarget_divergence(student(te.x2), teacher(te.x1), te.y, variant)),
-                    "cmd_output": sweep.per_setting(D.cmd(student(tr.x2).softmax(1).transpose(1, 2),
+                    **{k: sweep.per_setting(v) for k, v in divs.items()},
+                    **{k: v.cpu().numpy().reshape(len(sweep.settings), sweep.runs, -1) for k, v in errors.items()},
+                    "cmd_output": sweep.per_setting(D.cmd(student_train.softmax(1).transpose(1, 2),
                                                           teacher_train.softmax(1).transpose(1, 2), moments))}
             log(f"{method}/{mask}: KD students trained")
     return {"settings": sweep.settings, "teacher_acc": teacher_acc, "no_kd_acc": no_kd_acc, "cmd_input": cmd_input,
@@ -147,8 +121,9 @@ def summarize(block: dict, log=print) -> dict:
     results of `sweep_block` (one block, or the concatenation of all)."""
     def extra(key, res, s):
         return {"cmd_input": block["cmd_input"][s].mean(), "cmd_output": res["cmd_output"][s].mean()}
-    out = sweep_protocol.kd_rows(block, extra, format_table, log)
-    out["per_run"] = {k: {n: v[n] for n in ("delta", "ncjsd", "kd_acc")} for k, v in out["per_run"].items()}
+    out = sweep_protocol.kd_rows(block, extra, format_table, log, divergence=DIVERGENCE)
+    keep = ("delta", "kd_acc", DIVERGENCE, f"{DIVERGENCE}_kept", "omega_kept_share")
+    out["per_run"] = {k: {n: v[n] for n in keep} for k, v in out["per_run"].items()}
     return out
 
 
@@ -165,5 +140,10 @@ def format_table(rows: list[dict], method: str, mask: str) -> str:
     columns += [("gamma", 6, lambda r: f"{r['gamma']:.2f}"), ("teacher", 8, lambda r: f"{r['teacher_acc']:.4f}"),
                 ("no-KD", 8, lambda r: f"{r['no_kd_acc']:.4f}"), ("KD", 8, lambda r: f"{r['kd_acc']:.4f}"),
                 ("Delta (pts)", 15, sweep_protocol.delta_cell), ("CMD in", 8, lambda r: f"{r['cmd_input']:.2f}"),
-                ("CMD out", 8, lambda r: f"{r['cmd_output']:.4f}"), ("nc-JS", 8, lambda r: f"{r['ncjsd']:.5f}")]
-    return sweep_protocol.format_table(rows, f"{method} (mask {mask})", columns)
+                ("CMD out", 8, lambda r: f"{r['cmd_output']:.4f}"),
+                ("tm-JS all", 9, lambda r: f"{r[DIVERGENCE]:.5f}"),
+                ("tm-JS ω>0", 9, lambda r: f"{r[DIVERGENCE + '_kept']:.5f}"),
+                ("ρ within [95 % CI]", 20, lambda r: f"{r['rho_within']:+.2f} [{r['rho_within_lo']:+.2f}, "
+                                                      f"{r['rho_within_hi']:+.2f}]")]
+    return sweep_protocol.format_table(rows, f"{method} (mask {mask}); tm-JS = JS of the target mass [p_y, 1 − p_y] "
+                                             f"(two classes) on all test samples and on those ω keeps", columns)

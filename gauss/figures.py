@@ -36,7 +36,10 @@ def plot(results: dict, out_dir) -> list[Path]:
     paths.append(plots.line_plot(out_dir / f"delta_vs_{word}.png", xs, delta, xlabel=sym,
                                  ylabel="Delta = KD − no-KD (points)", title=f"KD gain vs {sym} (mean ± std over runs)",
                                  hline=0.0))
-    paths.append(sweep.ntdh_scatter(results, out_dir / "delta_vs_ncjsd.png", xlabel="non-target JS(teacher, KD student) on test"))
+    div = results["divergence"]
+    paths.append(sweep.ntdh_scatter(results, out_dir / "delta_vs_ncjsd.png",
+                                    xlabel=f"{sweep.DIVERGENCES[div]} (`{div}`), teacher vs KD student, test"))
+    paths.append(sweep.ntdh_within_plot(results, out_dir / f"rho_within_{word}.png", xlabel=label))
     return paths
 
 

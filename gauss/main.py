@@ -98,7 +98,8 @@ def _run(cfg: dict, rd: RunDir, dev: torch.device, trainer: str) -> dict:
         results = experiment.run_sweep(cfg, dev, log=rd.log)
         rd.write_csv("summary.csv", results["rows"], experiment.csv_columns(generator))
         plots = figures.plot(results, rd.path)
-        extra = {"correlations": results["correlations"]}
+        extra = {"divergence": results["divergence"], "correlations": results["correlations"],
+                 "error_distribution": results["error_distribution"]}
     rd.write_summary({"experiment": "gauss", "generator": generator, "config": cfg, "seconds": results["seconds"],
                       "rows": results["rows"], **extra, "plots": [p.name for p in plots]})
     for r in results["rows"]:

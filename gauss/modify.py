@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from common.synthetic import dispatch
+from common.synthetic import sweep as sweep_protocol
 from common.synthetic.fastfit import joint_logit_grad
 from common.run import derived_seed
 from common.synthetic.vectorized import BatchedLinear, accuracy, cross_entropy_sum
-from gauss import data, experiment
+from gauss import data
 
 MODES = ("random", "gt", "alg1")
 ENGINES = ("closed_form", "autograd")
@@ -40,7 +41,7 @@ N_ROLES = len(ROLES)
 
 @dataclass
 class Stage:
-    """G = len(settings)·runs groups, setting-major; duck-types experiment.Sweep for objective_for."""
+    """G = len(settings)·runs groups, setting-major; its training split is what common.synthetic.sweep.objective_for needs."""
     settings: list
     runs: int
     train: data.Split
@@ -255,9 +256,9 @@ def run_table(cfg: dict, device: torch.device, log=print) -> dict:
         for mask in cfg["kd"]["masks"]:
             key = f"{method}/{mask}"
             torch.manual_seed(derived_seed(cfg["seed"], method, mask))   # its draws do not depend on the others
-            objective = experiment.objective_for(cfg, method, mask, stage_a, n_classes).to(device)
+            objective = sweep_protocol.objective_for(cfg, method, mask, stage_a.train.y, n_classes).to(device)
             student = train_model(regular_in_s, "kd_student", S, f"{key} regular KD", objective, regular_teacher_out)
-            objective = experiment.objective_for(cfg, method, mask, stage_b, n_classes).to(device)
+            objective = sweep_protocol.objective_for(cfg, method, mask, stage_b.train.y, n_classes).to(device)
             mg_student = linear(d["x2_dim"], n_classes, seeds_for(cfg, len(modes) * S, "mg_student")).to(device)
             dispatch.train(mg_student, stage_b.train.x2, mg_y, epochs=t["epochs"], lr=t["lr"], momentum=t["momentum"],
                            objective=objective, teacher_out=mg_teacher_out, desc=f"{key} modality-general KD",

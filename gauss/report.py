@@ -8,16 +8,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.synthetic import sweep
+from gauss import experiment
 from gauss import main as gauss_main
 from gauss.figures import by_method, modify_keys, sweep_axis
 
 
 
-def markdown_table(rows) -> str:
-    head = "| method | mask | γ | teacher | no-KD | KD | Delta (pts) | CMD in | CMD out | nc-JS |\n|---|---|---|---|---|---|---|---|---|---|"
+def markdown_table(rows, div: str = experiment.DIVERGENCE) -> str:
+    """The sweep's table; `div` the divergence column (target_mass_js: the JS of the target mass [p_y, 1 − p_y],
+    two classes), on all test samples and on those ω keeps, with the within-γ Spearman ρ(div, Delta)."""
+    head = (f"| method | mask | γ | teacher | no-KD | KD | Delta (pts) | CMD in | CMD out | `{div}` all | `{div}` ω > 0 "
+            f"| ρ within γ [95 % CI] |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     body = [f"| {r['loss']} | {r['mask']} | {r['gamma']:.2f} | {r['teacher_acc']:.4f} | {r['no_kd_acc']:.4f} | "
             f"{r['kd_acc']:.4f} | {r['delta_mean']:+.2f} ± {r['delta_std']:.2f} | {r['cmd_input']:.2f} | "
-            f"{r['cmd_output']:.4f} | {r['ncjsd']:.4f} |" for r in rows]
+            f"{r['cmd_output']:.4f} | {r[div]:.4f} | {r[div + '_kept']:.4f} | {r['rho_within']:+.2f} "
+            f"[{r['rho_within_lo']:+.2f}, {r['rho_within_hi']:+.2f}] |" for r in rows]
     return "\n".join([head, *body])
 
 
@@ -47,9 +52,11 @@ def section(results: dict, run_dir: Path, rel_to: Path, title: str = "## NTDH sy
                      f"{sign(lo['delta_mean'])}) to {hi['delta_mean']:+.2f} ± {hi['delta_std']:.2f} at {sym} = "
                      f"{hi[key_x]:.2f} (KD {sign(hi['delta_mean'])}).")
         lines.append("")
-    lines += [f"![delta vs non-target JS]({rel('delta_vs_ncjsd.png')})", ""]
-    lines += sweep.ntdh_paragraphs(results, sym, " With two classes the divergence is that of the non-target "
-                                                "mass 1 − p_y (see README).")
+    lines += [f"![delta vs divergence]({rel('delta_vs_ncjsd.png')})", "",
+              f"![within-{sym} correlation]({rel(f'rho_within_{word}.png')})", ""]
+    lines += sweep.ntdh_paragraphs(results, sym, " With two classes the renormalised non-target distribution is a "
+                                                "single point, so the divergence is the JS of the target mass "
+                                                "[p_y, 1 − p_y] (`target_mass_js`), a target quantity.")
     return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
 """The NTDH sklearn sweep (NTDH sklearn/main.py): for every γ and run, a teacher on x1, a no-KD baseline and one KD student per
 (method, mask) on x2, then Algorithm 1 on the inputs — joint CE + CE + ncjsd training, permutation saliency of every
 input column of both modalities, `mask_dim` teacher columns kept by mode alg1 | random | reverse, a teacher retrained
-on them and every KD student distilled again from it. All runs of all γ are one batched computation.
+on them and every KD student distilled again from it. All runs of all γ are one batched computation; the models'
+training is in sklearn_exp/trainer.py.
 """
 from __future__ import annotations
 
@@ -13,16 +14,17 @@ import torch
 
 from common import divergence as D
 from common.synthetic.fastfit import joint_ncjsd_grad
-from common.run import derived_seed
 from common.saliency import removal_indices
 from common.synthetic import dispatch
 from common.synthetic import sweep as sweep_protocol
 from common.synthetic.vectorized import accuracy, cross_entropy_sum
 from sklearn_exp import data
 from sklearn_exp.models import two_layer_nn
+from sklearn_exp.trainer import init_seeds, train_ce, train_students
 
 CSV_COLUMNS = ["loss", "mask", "gamma", "overlap_dim", "runs", "teacher_acc", "no_kd_acc", "kd_acc", "delta_mean",
-               "delta_std", "ncjsd", "cmd_input", "masked_teacher_acc", "masked_student_acc", "saliency_hits_x1",
+               "delta_std", "ncjsd", "ncjsd_kept", "omega_kept_share", "rho_within", "rho_within_lo",
+               "rho_within_hi", "cmd_input", "masked_teacher_acc", "masked_student_acc", "saliency_hits_x1",
                "saliency_hits_x2"]
 # Alg. 1 selection mode → common.saliency.removal_indices mode (which columns are *removed*)
 MODES = {"random": 0, "alg1": 1, "reverse": 2}
@@ -75,35 +77,6 @@ def build_sweep(cfg: dict, first_run: int = 0) -> Sweep:
                              scaler_fit="all" if cfg["parity"] else d["scaler_fit"])
     settings = [{"gamma": data.gamma_of(ov, d["fixed_dim"]), "overlap_dim": ov} for ov in d["overlaps"]]
     return Sweep(settings, cfg["runs"], train, test, layout, first_run)
-
-
-def init_seeds(cfg: dict, sweep: Sweep, offset: int = 0, groups: int | None = None) -> list[int]:
-    """Model-init seed per group: run r uses seed + r for every role and γ (the reference builds teacher, students
-    and masked teacher all from the run's seed_j)."""
-    per_run = [cfg["seed"] + offset + sweep.first_run + r for r in range(sweep.runs)]
-    n = (groups or sweep.groups) // sweep.runs
-    return per_run * n
-
-
-def _train_cfg(cfg):
-    t = cfg["train"]
-    return {"epochs": t["epochs"], "lr": t["lr"], "momentum": t["momentum"], "chunk": t["chunk_runs"],
-            "progress": cfg["progress"], "engine": t["engine"]}
-
-
-def train_ce(cfg, x, y, seeds, desc):
-    m = two_layer_nn(x.shape[1], cfg["model"]["hidden"], int(cfg["data"]["n_classes"]), x.shape[0], seeds)
-    return dispatch.train(m.to(x.device), x, y, desc=desc, **_train_cfg(cfg))
-
-
-def train_kd(cfg, sweep, method, mask, teacher_train, seeds, desc):
-    tr = sweep.train
-    n_classes = int(cfg["data"]["n_classes"])
-    student = two_layer_nn(tr.x2.shape[1], cfg["model"]["hidden"], n_classes, sweep.groups, seeds).to(tr.x2.device)
-    objective = sweep_protocol.objective_for(cfg, method, mask, tr.y, n_classes).to(tr.x2.device)
-    # CE + KL without a mask (the reference default) by its closed-form gradient, everything else by autograd
-    return dispatch.train(student, tr.x2, tr.y, objective=objective, teacher_out=teacher_train,
-                          closed_form=cfg["train"]["closed_form"], desc=desc, **_train_cfg(cfg))
 
 
 def nontarget_divergence(z_s, z_t, y, variant) -> torch.Tensor:
@@ -239,16 +212,16 @@ def sweep_block(cfg: dict, first_run: int = 0, device: torch.device | str = "cpu
     for method in cfg["kd"]["losses"]:
         for mask in cfg["kd"]["masks"]:
             key = f"{method}/{mask}"
-            # each configuration (and each block of runs) draws from its own stream, whatever ran before it
-            torch.manual_seed(derived_seed(cfg["seed"], method, mask, first_run))
-            student = timed("kd", lambda: train_kd(cfg, sweep, method, mask, teacher_train, seeds, key))
-            masked_student = timed("masked_kd", lambda: train_kd(cfg, sweep, method, mask, masked_teacher_train,
-                                                                 seeds, f"{key} from masked teacher"))
+            student, masked_student = train_students(cfg, sweep, method, mask, teacher_train, masked_teacher_train,
+                                                     seeds)
             with torch.no_grad():
+                divs = sweep_protocol.divergences(student(split.x2), teacher_split, split.y, variant,
+                                                  cfg["kd"]["omega"])
+                errors = sweep_protocol.error_distribution(student(tr.x2), teacher_train, tr.y)
                 per_run[key] = {
                     "kd_acc": sweep.per_setting(accuracy(student(te.x2), te.y)),
-                    "ncjsd": sweep.per_setting(nontarget_divergence(student(split.x2), teacher_split, split.y,
-                                                                    variant)),
+                    **{k: sweep.per_setting(v) for k, v in divs.items()},
+                    **{k: v.cpu().numpy().reshape(S, R, -1) for k, v in errors.items()},
                     "masked_student_acc": sweep.per_setting(accuracy(masked_student(te.x2), te.y))}
             log(f"{key}: KD students trained")
     as_runs = lambda t: t.cpu().numpy().reshape(S, R, -1)
@@ -294,7 +267,10 @@ def format_table(rows: list[dict], method: str, mask: str, mask_dim: int) -> str
     f4 = lambda key: (lambda r: f"{r[key]:.4f}")
     columns = [("gamma", 6, lambda r: f"{r['gamma']:.2f}"), ("teacher", 8, f4("teacher_acc")),
                ("no-KD", 8, f4("no_kd_acc")), ("KD", 8, f4("kd_acc")), ("Delta (pts)", 15, sweep_protocol.delta_cell),
-               ("nc-JS", 8, lambda r: f"{r['ncjsd']:.5f}"), ("CMD in", 8, lambda r: f"{r['cmd_input']:.2f}"),
+               ("nc-JS", 8, lambda r: f"{r['ncjsd']:.5f}"),
+               ("nc-JS ω>0", 9, lambda r: f"{r['ncjsd_kept']:.5f}"),
+               ("ρ within [95 % CI]", 20, lambda r: f"{r['rho_within']:+.2f} [{r['rho_within_lo']:+.2f}, "
+                                                     f"{r['rho_within_hi']:+.2f}]"), ("CMD in", 8, lambda r: f"{r['cmd_input']:.2f}"),
                ("mask-T", 8, f4("masked_teacher_acc")), ("mask-S", 8, f4("masked_student_acc")),
                ("hits x1", 8, lambda r: f"{r['saliency_hits_x1']:5.2f}/{mask_dim}"),
                ("hits x2", 8, lambda r: f"{r['saliency_hits_x2']:5.2f}/{mask_dim}")]

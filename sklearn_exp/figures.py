@@ -67,6 +67,8 @@ def plot(results: dict, out_dir) -> list[Path]:
     paths.append(plots.line_plot(out_dir / "delta_vs_gamma.png", gammas, delta, xlabel="γ",
                                  ylabel="Delta = KD − no-KD (points)", title="KD gain vs γ (mean ± std over runs)",
                                  hline=0.0))
-    paths.append(sweep.ntdh_scatter(results, out_dir / "delta_vs_ncjsd.png", xlabel="non-target JS(teacher, KD student)"))
+    paths.append(sweep.ntdh_scatter(results, out_dir / "delta_vs_ncjsd.png",
+                                    xlabel="non-target JS (`ncjsd`), teacher vs KD student"))
+    paths.append(sweep.ntdh_within_plot(results, out_dir / "rho_within_gamma.png", xlabel="γ"))
     paths.append(saliency_plot(out_dir / "saliency_run0.png", results, 0))
     return paths

@@ -10,10 +10,12 @@ from sklearn_exp.figures import by_method
 
 
 def markdown_table(rows, mask_dim: int) -> str:
-    head = ("| method | mask | γ | teacher | no-KD | KD | Delta (pts) | nc-JS | CMD in | masked T | masked S | "
-            "hits x1 | hits x2 |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| method | mask | γ | teacher | no-KD | KD | Delta (pts) | `ncjsd` all | `ncjsd` ω > 0 | ρ within γ "
+            "[95 % CI] | CMD in | masked T | masked S | hits x1 | hits x2 |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     body = [f"| {r['loss']} | {r['mask']} | {r['gamma']:.2f} | {r['teacher_acc']:.4f} | {r['no_kd_acc']:.4f} | "
             f"{r['kd_acc']:.4f} | {r['delta_mean']:+.2f} ± {r['delta_std']:.2f} | {r['ncjsd']:.4f} | "
+            f"{r['ncjsd_kept']:.4f} | {r['rho_within']:+.2f} [{r['rho_within_lo']:+.2f}, {r['rho_within_hi']:+.2f}] | "
             f"{r['cmd_input']:.2f} | {r['masked_teacher_acc']:.4f} | {r['masked_student_acc']:.4f} | "
             f"{r['saliency_hits_x1']:.2f}/{mask_dim} | {r['saliency_hits_x2']:.2f}/{mask_dim} |" for r in rows]
     return "\n".join([head, *body])
@@ -55,7 +57,8 @@ def section(results: dict, run_dir: Path, rel_to: Path) -> str:
                      f"γ). Distilling from the masked teacher gives {dm[i_lo].mean():+.2f} ± {dm[i_lo].std():.2f} at "
                      f"γ = {lo['gamma']:.2f} and {dm[i_hi].mean():+.2f} ± {dm[i_hi].std():.2f} at γ = {hi['gamma']:.2f}.")
         lines.append("")
-    lines += [f"![delta vs non-target JS]({rel('delta_vs_ncjsd.png')})", ""]
+    lines += [f"![delta vs non-target JS]({rel('delta_vs_ncjsd.png')})", "",
+              f"![within-γ correlation]({rel('rho_within_gamma.png')})", ""]
     lines += sweep.ntdh_paragraphs(results, "γ")
     sal = results["saliency"]
     rows0 = next(iter(methods.values()))

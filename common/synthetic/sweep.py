@@ -16,13 +16,20 @@ import numpy as np
 import torch
 
 from common import config as C
+from common import divergence as D
 from common.kd import available_losses
 from common.kd.base import loss_class
+from common.mask import omega as omega_weight
+from common.mask import teacher_wrong
 from common.metrics import spearman_summary
 from common.synthetic import dispatch, fastfit, native, parallel
 from common.train import NonFiniteLoss
 
 MASKS = ("none", "omega")
+#: the teacher–student divergence a sweep reports, by name: with two classes the renormalised non-target distribution
+#: is a single point, so the JS of the mass [p_y, 1 − p_y] is reported under its own name (NTDH, arXiv 2409.02438,
+#: Sec. 3 defines the non-target JS for C ≥ 3)
+DIVERGENCES = {"target_mass_js": "JS of the target mass [p_y, 1 − p_y]", "ncjsd": "non-target JS"}
 #: flag dest → dotted config key, for common.config.resolve
 FLAGS = {"runs": "runs", "losses": "kd.losses", "masks": "kd.masks", "parity": "parity", "workers": "workers",
          "engine": "train.engine"}
@@ -113,32 +120,104 @@ def run_blocks(block_fn: Callable, cfg: dict, device: torch.device, log=print) -
     return block, workers, time.perf_counter() - started
 
 
+def divergence_name(n_classes: int) -> str:
+    """The divergence column of a sweep with n_classes classes: target_mass_js (C = 2) or ncjsd (C ≥ 3)."""
+    return "target_mass_js" if n_classes == 2 else "ncjsd"
+
+
+def divergences(z_s: torch.Tensor, z_t: torch.Tensor, y: torch.Tensor, variant: str, omega_cfg: dict) -> dict:
+    """Per-group teacher–student divergence of (G, C, N) logits (common.divergence: target_js for C = 2, nontarget_js
+    for C ≥ 3), the mean over all samples and over the samples NTDH's ω keeps (ω > 0, common.mask.omega with the
+    sweep's threshold and space; NaN where ω keeps none), and the share of samples ω keeps — measured for every
+    mask, so a masked and an unmasked student are compared on the same footing."""
+    name = divergence_name(z_s.shape[1])
+    per = (D.target_js if name == "target_mass_js" else D.nontarget_js)(z_s, z_t, y, variant, dim=1)
+    kept = (omega_weight(z_t, y, z_s, threshold=omega_cfg["threshold"], space=omega_cfg["space"],
+                         class_dim=1) > 0).to(per.dtype)
+    count = kept.sum(-1)
+    on_kept = torch.where(count > 0, (per * kept).sum(-1) / count.clamp_min(1), torch.full_like(count, float("nan")))
+    return {name: per.mean(-1), f"{name}_kept": on_kept, "omega_kept_share": kept.mean(-1)}
+
+
+def error_distribution(z_s: torch.Tensor, z_t: torch.Tensor, y: torch.Tensor) -> dict:
+    """The reference's `error_distribution` (NTDH gauss/main.py and sklearn/main.py, run on the training data in eval
+    mode): over the samples of label 0 that the teacher gets wrong, the mean softmax vector of the student
+    ("error_s") and of the teacher ("error_t"); (G, C, N) logits → (G, C), NaN rows where a group has no such
+    sample."""
+    pick = (teacher_wrong(z_t, y, class_dim=1) & (y == 0)).to(z_s.dtype).unsqueeze(1)   # (G, 1, N)
+    n = pick.sum(-1)
+    nan = torch.full_like(n, float("nan"))
+    mean = lambda z: torch.where(n > 0, (z.softmax(1) * pick).sum(-1) / n.clamp_min(1), nan)
+    return {"error_s": mean(z_s), "error_t": mean(z_t)}
+
+
+def error_means(block: dict) -> dict:
+    """Per (method, mask) and setting, the reference's printed mean_s / mean_t: the per-run error distributions
+    averaged over the runs of that setting only (the reference never resets its lists between γ values; fixed here),
+    runs without a wrong label-0 sample left out (`runs_with_errors` counts the others)."""
+    out = {}
+    for key, res in block["per_run"].items():
+        if "error_s" not in res:
+            continue
+        out[key] = []
+        for s, setting in enumerate(block["settings"]):
+            ok = np.isfinite(res["error_s"][s]).all(-1)
+            mean = lambda v: v[s][ok].mean(0).tolist() if ok.any() else None
+            out[key].append({"setting": setting, "mean_s": mean(res["error_s"]), "mean_t": mean(res["error_t"]),
+                             "runs_with_errors": int(ok.sum())})
+    return out
+
+
 def kd_rows(block: dict, row_extra: Callable[[str, dict, int], dict], table: Callable[[list[dict], str, str], str],
-            log=print) -> dict:
+            log=print, divergence: str = "ncjsd") -> dict:
     """Rows (one per method, mask and setting: means over runs), Deltas and the NTDH rank correlations of the per-run
     results of a sweep. block: settings, teacher_acc, no_kd_acc ((S, R) arrays) and per_run {"method/mask": {kd_acc,
-    ncjsd, ...}}; row_extra(key, res, s) gives the experiment's own columns of row s; table(rows, method, mask) the
-    text logged per (method, mask)."""
+    <divergence>, <divergence>_kept, omega_kept_share, ...}}; row_extra(key, res, s) gives the experiment's own
+    columns of row s; table(rows, method, mask) the text logged per (method, mask)."""
     settings, teacher_acc, no_kd_acc = block["settings"], block["teacher_acc"], block["no_kd_acc"]
-    rows, per_run = [], {}
+    rows, per_run, correlations = [], {}, {}
     for key, res in block["per_run"].items():
         method, mask = key.split("/")
-        if not (np.isfinite(res["kd_acc"]).all() and np.isfinite(res["ncjsd"]).all()):
-            raise NonFiniteLoss(f"{key}: non-finite results (accuracy or non-target JS) after training: a "
+        if not (np.isfinite(res["kd_acc"]).all() and np.isfinite(res[divergence]).all()):
+            raise NonFiniteLoss(f"{key}: non-finite results (accuracy or {divergence}) after training: a "
                                 f"diverging training; lower train.lr or check the loss settings")
         delta = (res["kd_acc"] - no_kd_acc) * 100
         per_run[key] = {**res, "delta": delta}
+        c = correlations[key] = {"divergence": divergence, **spearman_summary(res[divergence], delta)}
         for s, setting in enumerate(settings):
+            within = c["within"][s]
+            within["setting"] = setting
+            ci = within["ci"] or [float("nan")] * 2
             rows.append({"loss": method, "mask": mask, **setting, "runs": teacher_acc.shape[1],
                          "teacher_acc": teacher_acc[s].mean(), "no_kd_acc": no_kd_acc[s].mean(),
                          "kd_acc": res["kd_acc"][s].mean(), "delta_mean": delta[s].mean(),
-                         "delta_std": delta[s].std(), "ncjsd": res["ncjsd"][s].mean(), **row_extra(key, res, s)})
+                         "delta_std": delta[s].std(), divergence: res[divergence][s].mean(),
+                         f"{divergence}_kept": np.nanmean(res[f"{divergence}_kept"][s])
+                         if np.isfinite(res[f"{divergence}_kept"][s]).any() else float("nan"),
+                         "omega_kept_share": res["omega_kept_share"][s].mean(),
+                         "rho_within": within["rho"], "rho_within_lo": ci[0], "rho_within_hi": ci[1],
+                         **row_extra(key, res, s)})
         log(table([r for r in rows if r["loss"] == method and r["mask"] == mask], method, mask))
-    correlations = {key: spearman_summary(v["ncjsd"], v["delta"]) for key, v in per_run.items()}
-    for key, c in correlations.items():
-        log(f"NTDH check {key}: Spearman ρ(non-target JS, Delta) = {c['rho']:+.3f} over {c['n']} runs "
-            f"(p = {c['p']:.2g}); over the γ means ρ = {c['rho_means']:+.3f}")
-    return {"rows": rows, "per_run": per_run, "correlations": correlations, "settings": settings}
+        log(correlation_line(key, c))
+    return {"rows": rows, "per_run": per_run, "correlations": correlations, "settings": settings,
+            "divergence": divergence, "error_distribution": error_means(block)}
+
+
+def _ci(c: dict) -> str:
+    return "[undefined]" if c["ci"] is None else f"[{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}]"
+
+
+def correlation_line(key: str, c: dict) -> str:
+    """The printed NTDH check of one (method, mask): pooled, within-setting and setting-controlled ρ."""
+    within = ", ".join(f"{_setting_text(w['setting'])}: {w['rho']:+.2f} {_ci(w)}" for w in c["within"])
+    return (f"NTDH check {key}: Spearman ρ({c['divergence']}, Delta) pooled over {c['n']} runs = {c['rho']:+.3f} "
+            f"(p = {c['p']:.2g}; the setting drives it), over the setting means = {c['rho_means']:+.3f}; within "
+            f"each setting (95 % bootstrap interval) {within}; setting-controlled partial ρ = "
+            f"{c['partial']['rho']:+.3f} {_ci(c['partial'])}")
+
+
+def _setting_text(setting: dict) -> str:
+    return f"α={setting['alpha']:.2f}" if "alpha" in setting else f"γ={setting['gamma']:.2f}"
 
 
 def format_table(rows: list[dict], title: str, columns: Sequence[tuple[str, int, Callable[[dict], str]]]) -> str:
@@ -155,29 +234,54 @@ def delta_cell(r: dict) -> str:
 
 
 def ntdh_paragraphs(results: dict, sym: str, note: str = "") -> list[str]:
-    """The report's "Delta vs non-target JS" paragraph of every (method, mask), numbers from the run."""
+    """The report's "Delta vs divergence" paragraph of every (method, mask), numbers from the run."""
+    div = results["divergence"]
+    label = DIVERGENCES[div]
     lines = []
     for key, c in results["correlations"].items():
-        means = results["per_run"][key]["ncjsd"].mean(1)
-        lines += [f"**Delta vs non-target JS, {key}.** Over all {c['n']} runs the Spearman rank correlation between "
-                  f"the teacher–KD-student non-target JS and Delta is ρ = {c['rho']:+.3f} (p = {c['p']:.2g}); over "
-                  f"the {sym} means ρ = {c['rho_means']:+.3f}. The mean divergence ranges from {means.min():.4f} to "
-                  f"{means.max():.4f} across {sym}. NTDH predicts a negative ρ: the smaller the non-target "
+        v = results["per_run"][key]
+        means, kept = v[div].mean(1), np.nanmean(v[f"{div}_kept"], 1)
+        within = "; ".join(f"{_setting_text(w['setting'])}: {w['rho']:+.2f} {_ci(w)}" for w in c["within"])
+        lines += [f"**Delta vs {label} (`{div}`), {key}.** Over all {c['n']} runs the Spearman rank correlation "
+                  f"between the teacher–KD-student {label} and Delta is ρ = {c['rho']:+.3f} (p = {c['p']:.2g}); over "
+                  f"the {sym} means ρ = {c['rho_means']:+.3f}. Pooled over {sym}, {sym} itself drives both; within "
+                  f"each {sym} (95 % bootstrap interval): {within}; controlling for {sym}, the partial ρ = "
+                  f"{c['partial']['rho']:+.3f} {_ci(c['partial'])}. The mean divergence ranges from {means.min():.4f} "
+                  f"to {means.max():.4f} across {sym} on all samples, and from {np.nanmin(kept):.4f} to "
+                  f"{np.nanmax(kept):.4f} on the samples ω keeps (ω > 0; on average "
+                  f"{100 * v['omega_kept_share'].mean():.1f} % of them). NTDH predicts a negative ρ: the smaller the "
                   f"divergence, the larger the KD gain.{note}", ""]
     return lines
 
 
 def ntdh_scatter(results: dict, path, xlabel: str):
-    """The NTDH plot: Delta vs the teacher–KD-student non-target JS of every run, per (method, mask), with the
-    Spearman ρ in the legend and the per-setting means."""
+    """The NTDH plot: Delta vs the teacher–KD-student divergence of every run, per (method, mask), with the pooled
+    and the setting-controlled Spearman ρ in the legend and the per-setting means."""
     from common import plots   # matplotlib only where a plot is drawn
+    div = results["divergence"]
     scatter, means = {}, {}
     for key, v in results["per_run"].items():
-        label = f"{key} (ρ = {results['correlations'][key]['rho']:+.2f})"
-        scatter[label] = (v["ncjsd"].ravel(), v["delta"].ravel())
-        means[label] = (v["ncjsd"].mean(1), v["delta"].mean(1), v["delta"].std(1))
+        c = results["correlations"][key]
+        label = f"{key} (pooled ρ = {c['rho']:+.2f}, within-setting partial ρ = {c['partial']['rho']:+.2f})"
+        scatter[label] = (v[div].ravel(), v["delta"].ravel())
+        means[label] = (v[div].mean(1), v["delta"].mean(1), v["delta"].std(1))
     return plots.scatter_plot(path, scatter, means=means, xlabel=xlabel, ylabel="Delta (points)",
-                              title="NTDH: KD gain vs non-target divergence")
+                              title=f"NTDH: KD gain vs {DIVERGENCES[div]} (`{div}`)")
+
+
+def ntdh_within_plot(results: dict, path, xlabel: str):
+    """The within-setting NTDH check: Spearman ρ(divergence, Delta) over the runs of each setting, per (method, mask),
+    with its bootstrap 95 % interval as (asymmetric) error bars; the partial ρ in the legend."""
+    from common import plots
+    div, xs, series = results["divergence"], None, {}
+    for key, c in results["correlations"].items():
+        xs = [w["setting"].get("alpha", w["setting"]["gamma"]) for w in c["within"]]
+        rho = np.array([w["rho"] for w in c["within"]], dtype=float)
+        ci = np.array([w["ci"] or [np.nan, np.nan] for w in c["within"]], dtype=float).T
+        series[f"{key} (partial ρ = {c['partial']['rho']:+.2f} {_ci(c['partial'])})"] = \
+            (rho, np.abs(np.stack([rho - ci[0], ci[1] - rho])))
+    return plots.line_plot(path, xs, series, xlabel=xlabel, ylabel=f"Spearman ρ({div}, Delta) within setting",
+                           title="NTDH check within each setting (95 % bootstrap interval)", hline=0.0)
 
 
 def main(parse_args: Callable, resolve_config: Callable, run: Callable, argv=None) -> None:

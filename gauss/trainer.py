@@ -1,0 +1,52 @@
+"""The training of one gauss sweep block (NTDH gauss/main.py, `train` and `train_kd`): the teacher on x1, the no-KD
+baseline on x2 and one KD student per (method, mask) on x2, every (setting, run) a group of one batched linear model
+(common.synthetic.vectorized.BatchedLinear), all trained full batch with plain SGD through
+common.synthetic.dispatch (closed-form gradients where the objective has one, autograd otherwise).
+"""
+from __future__ import annotations
+
+import torch
+
+from common.run import derived_seed
+from common.synthetic import dispatch
+from common.synthetic import sweep as sweep_protocol
+from common.synthetic.vectorized import BatchedLinear
+
+#: the model-init seed role of each model of a run
+TEACHER, STUDENT, BASELINE = 0, 1, 2
+
+
+def init_seeds(cfg: dict, sweep, role: int) -> list[int]:
+    """Model-init seed per group: run r of every setting shares one seed per role (teacher 0, KD student 1,
+    baseline 2), as the reference reseeds torch with the run's seed for every γ."""
+    return [3 * (cfg["seed"] + sweep.first_run + r) + role for _ in sweep.settings for r in range(sweep.runs)]
+
+
+def train_linear(cfg: dict, sweep, x: torch.Tensor, role: int, desc: str, objective=None, teacher_out=None):
+    """One BatchedLinear per group on x (G, D, N) against the training labels: the cross-entropy alone (objective
+    None), or `objective` against the teacher's training logits."""
+    model = BatchedLinear(x.shape[1], int(sweep.train.y.max()) + 1, runs=sweep.groups,
+                          seeds=init_seeds(cfg, sweep, role)).to(x.device)
+    t = cfg["train"]
+    return dispatch.train(model, x, sweep.train.y, epochs=t["epochs"], lr=t["lr"], momentum=t["momentum"],
+                          objective=objective, teacher_out=teacher_out, desc=desc, progress=cfg["progress"],
+                          engine=t["engine"])
+
+
+def train_teacher(cfg: dict, sweep):
+    return train_linear(cfg, sweep, sweep.train.x1, TEACHER, "teacher")
+
+
+def train_baseline(cfg: dict, sweep):
+    """The no-KD student: the cross-entropy alone on x2."""
+    return train_linear(cfg, sweep, sweep.train.x2, BASELINE, "no-KD baseline")
+
+
+def train_student(cfg: dict, sweep, method: str, mask: str, teacher_train: torch.Tensor):
+    """The KD student of one (method, mask) on x2: ce + the method's terms (common.synthetic.sweep.objective_for)
+    against the teacher's training logits. Each configuration (and each block of runs) draws from its own torch
+    stream (sampled relational terms, CRD), whatever ran before it."""
+    torch.manual_seed(derived_seed(cfg["seed"], method, mask, sweep.first_run))
+    n_classes = int(sweep.train.y.max()) + 1
+    objective = sweep_protocol.objective_for(cfg, method, mask, sweep.train.y, n_classes).to(sweep.train.x2.device)
+    return train_linear(cfg, sweep, sweep.train.x2, STUDENT, f"{method}/{mask}", objective, teacher_train)
