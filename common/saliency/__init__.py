@@ -1,6 +1,7 @@
 """MFH Algorithm 1 (Xue et al., "The Modality Focusing Hypothesis", ICLR 2023, Algorithm 1): which teacher channels
-carry modality-general decisive information. The plain reference; the synthetic experiments' fast rank-1 engine for
-BatchedLinear stacks is common.synthetic.rank1.
+carry modality-general decisive information. Where the activation at a place feeds one nn.Linear (an MLP's input
+or hidden places), step 2 takes an exact rank-1 shortcut (common.saliency.rank1); the synthetic experiments' rank-1
+engine for BatchedLinear stacks is common.synthetic.rank1.
 
 Step 1 (`joint_train`): train a teacher-modality and a student-modality network together, with one optimiser on
     CE(f_a(x_a), y) + CE(f_b(x_b), y) + d(f_a(x_a), f_b(x_b)), d = MSE on logits (MFH) or non-target JS (NTDH).
@@ -21,8 +22,9 @@ Differences from the reference repositories, on purpose: the saliency is average
 batch size (MFH's and NTDH's `main_overlap_tag.py` / `main.py` keep only the last batch's), and deterministic
 interventions (zero, mean) are evaluated once rather than M identical times.
 
-Modules: hooks (places, hooks, interventions, remove_channels), copies (the intervened copies of step 2), distances,
-vector (step 2, saliency_vector), removal (step 3, removal_indices), joint (step 1, joint_train).
+Modules: hooks (places, hooks, interventions, remove_channels), copies (the intervened copies of step 2), rank1 (the
+rank-1 path of step 2 and when it is exact), distances, vector (step 2, saliency_vector), removal (step 3,
+removal_indices), joint (step 1, joint_train).
 """
 from common.saliency.distances import DISTANCES, Distance, minmax_normalize
 from common.saliency.hooks import (INTERVENTIONS, REMOVAL_FILLS, Intervention, channel_count, intervene,
