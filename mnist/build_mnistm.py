@@ -1,4 +1,5 @@
-"""Build MNIST-M (as the NTDH repository's MNIST/dataloader/create_mnistm.py) and write the reference's pickle layout: `python build_mnistm.py --backgrounds BSR_bsds500.tgz`.
+"""Build MNIST-M (as the NTDH repository's MNIST/dataloader/create_mnistm.py) and write the reference's pickle layout:
+`python build_mnistm.py --backgrounds BSR_bsds500.tgz`.
 
     python build_mnistm.py --mnist dataset --backgrounds BSR_bsds500.tgz --out dataset   # real MNIST IDX + BSDS500
     python build_mnistm.py --mnist dataset --backgrounds my_photos/ --out dataset       # any folder of images

@@ -447,7 +447,8 @@ class BatchLoader:
 class Prepare:
     """`prepare(batch)` for mnist.trainer: noisy, normalised, flattened student / teacher inputs, on the device.
 
-    Noise as CrossModalData._add_noise (NTDH MNIST/dataloader/dataset.py): v = clip(x/255 + L·U[0,1), 0, 1), quantised to 1/255 steps (the reference's uint8 round trip,
+    Noise as CrossModalData._add_noise (NTDH MNIST/dataloader/dataset.py):
+    v = clip(x/255 + L·U[0,1), 0, 1), quantised to 1/255 steps (the reference's uint8 round trip,
     `quantize`), then normalised to [−1, 1]. MNIST-M gets L = noise_level, MNIST L = mnist_factor·noise_level. The
     MNIST input is the grayscale digit (784; the reference's channel 0 of a replicated image), MNIST-M is 3×28×28
     channel-first (2352). stu_type 0: student MNIST-M, teacher MNIST; 1: the other way round.

@@ -1,5 +1,6 @@
-"""The reference's MLP (NTDH MNIST/network/LR_3.py, `MLP`): in → 1024 → 256 → 10 with LeakyReLU, as named layers so that Algorithm 1's
-interventions are forward hooks (common.saliency) rather than a `change_type` argument threaded through forward.
+"""The reference's MLP (NTDH MNIST/network/LR_3.py, `MLP`): in → 1024 → 256 → 10 with LeakyReLU, as named layers
+so that Algorithm 1's interventions are forward hooks (common.saliency) rather than a `change_type` argument
+threaded through forward.
 
 Places (the reference's `--place`): 0 = the input, 1 = output of the first LeakyReLU (`act1`, 1024-d), 2 = output of
 the second (`act2`, 256-d), 3 = the logits (`fc3`, or `act3` when the parity LeakyReLU on the logits is on).

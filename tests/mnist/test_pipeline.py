@@ -1,6 +1,5 @@
 """mnist model places, Algorithm 1 on the MLP, channel removal modes, and every subcommand end to end (tiny data
 written in the real IDX format, MNIST-M composed from a folder of background images)."""
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,6 @@ import torch
 
 from common import saliency as alg1
 from common.divergence import nontarget_js
-from mnist import data as D
 from mnist import main as M
 from mnist.models import MLP
 from tests.mnist.helpers import TINY, run as _run
