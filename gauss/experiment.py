@@ -95,6 +95,7 @@ def sweep_block(cfg: dict, first_run: int = 0, device: torch.device | str = "cpu
         teacher_train = teacher(tr.x1)
         teacher_acc = sweep.per_setting(accuracy(teacher(te.x1), te.y))
         no_kd_acc = sweep.per_setting(accuracy(baseline(te.x2), te.y))
+        logits = sweep_protocol.test_logits(sweep, teacher(te.x1), baseline(te.x2), te.y)
         cmd_input = input_cmd(tr, moments, sweep)
 
     per_run = {}
@@ -113,7 +114,7 @@ def sweep_block(cfg: dict, first_run: int = 0, device: torch.device | str = "cpu
                                                           teacher_train.softmax(1).transpose(1, 2), moments))}
             log(f"{method}/{mask}: KD students trained")
     return {"settings": sweep.settings, "teacher_acc": teacher_acc, "no_kd_acc": no_kd_acc, "cmd_input": cmd_input,
-            "per_run": per_run}
+            "per_run": per_run, "logits": logits}
 
 
 def summarize(block: dict, log=print) -> dict:
@@ -124,6 +125,7 @@ def summarize(block: dict, log=print) -> dict:
     out = sweep_protocol.kd_rows(block, extra, format_table, log, divergence=DIVERGENCE)
     keep = ("delta", "kd_acc", DIVERGENCE, f"{DIVERGENCE}_kept", "omega_kept_share")
     out["per_run"] = {k: {n: v[n] for n in keep} for k, v in out["per_run"].items()}
+    out["logits"] = block["logits"]
     return out
 
 

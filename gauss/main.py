@@ -32,7 +32,8 @@ def parse_args(argv=None):
     p = C.base_parser(__doc__.splitlines()[0])
     p.set_defaults(out=str(HERE / "runs"))
     p.add_argument("--preset", help=f"a configuration of configs/ ({', '.join(presets())}), applied before --config")
-    sweep.add_flags(p, "reproduce the reference's number-changing behaviours (reversed JS, ω not detached; "
+    sweep.add_flags(p, "reproduce the reference's number-changing behaviours (reversed JS, ω not detached, FitNet "
+                       "regressor and CRD embeddings untrained; "
                        "mfh_modify_gamma: regular KD with swapped inputs, random columns with replacement)")
     return p.parse_args(argv)
 

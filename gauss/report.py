@@ -138,6 +138,7 @@ def reproduce(results_dir: Path, device: str = "auto", workers: int | None = Non
         cfg = gauss_main.resolve_config(args)
         run_dir, results = gauss_main.run(cfg, out, device)
         if preset is None:
+            sweep.save_ntd_records(results, run_dir.path, out, "gauss (NTDH default)")
             parts.append(section(results, run_dir.path, Path(results_dir)))
         elif preset == "mfh_gamma":
             parts.append(section(results, run_dir.path, Path(results_dir), title))

@@ -84,11 +84,17 @@ def nontarget_divergence(z_s, z_t, y, variant) -> torch.Tensor:
     return D.nontarget_js(z_s, z_t, y, variant, dim=1).mean(-1)
 
 
-def kept_columns(saliency: torch.Tensor, mode: str, k: int, generator: torch.Generator) -> torch.Tensor:
-    """(G, k) column ids to keep, increasing: alg1 the k most salient, reverse the k least, random k distinct."""
+def kept_columns(saliency: torch.Tensor, mode: str, k: int, generator: torch.Generator,
+                 replace: bool = False) -> torch.Tensor:
+    """(G, k) column ids to keep, increasing: alg1 the k most salient, reverse the k least, random k distinct — or,
+    with `replace` (parity), k drawn uniformly with replacement, as the reference's random mode
+    (`np.random.randint(0, 50, mask_dim)`, NTDH sklearn/main.py, cal_overlap_tag), so a column can repeat."""
     g, d = saliency.shape
     if not 1 <= k <= d:
         raise ValueError(f"mask_dim must lie in [1, {d}], got {k}")
+    if replace and mode == "random":
+        drawn = torch.randint(0, d, (g, k), generator=generator).to(saliency.device)
+        return drawn.sort(1).values
     removed = removal_indices(saliency, MODES[mode], (d - k + 0.5) / d, generator)  # exactly d − k removed
     keep = torch.ones(g, d, dtype=torch.bool, device=saliency.device)
     keep.scatter_(1, removed, False)
@@ -139,8 +145,8 @@ def algorithm1(cfg: dict, sweep: Sweep, variant: str, log=print) -> dict:
         joint_acc_t = sweep.per_setting(accuracy(teacher(sweep.test.x1), sweep.test.y))
         joint_acc_s = sweep.per_setting(accuracy(student(sweep.test.x2), sweep.test.y))
     k = a["mask_dim"]
-    kept_x1 = kept_columns(sal_x1, a["mode"], k, gen)
-    kept_x2 = kept_columns(sal_x2, a["mode"], k, gen)
+    kept_x1 = kept_columns(sal_x1, a["mode"], k, gen, replace=cfg["parity"])
+    kept_x2 = kept_columns(sal_x2, a["mode"], k, gen, replace=cfg["parity"])
     ovs = [s["overlap_dim"] for s in sweep.settings]
     lay = sweep.layout
     out = {"saliency_x1": sal_x1, "saliency_x2": sal_x2, "kept_x1": kept_x1, "kept_x2": kept_x2,
@@ -197,6 +203,7 @@ def sweep_block(cfg: dict, first_run: int = 0, device: torch.device | str = "cpu
         teacher_split = teacher(split.x1)
         teacher_acc = sweep.per_setting(accuracy(teacher(te.x1), te.y))
         no_kd_acc = np.tile(accuracy(baseline(te.x2[:R]), te.y[:R]).cpu().numpy(), (S, 1))
+        logits = sweep_protocol.test_logits(sweep, teacher(te.x1), baseline(te.x2[:R]).repeat(S, 1, 1), te.y)
         cmd_input = sweep.per_setting(D.cmd(tr.x1.transpose(1, 2), tr.x2.transpose(1, 2),
                                             cfg["analysis"]["cmd_moments"]))
 
@@ -233,7 +240,7 @@ def sweep_block(cfg: dict, first_run: int = 0, device: torch.device | str = "cpu
                 **{k: alg[k] for k in ("hits_x1", "hits_x2", "general_hits_x1", "general_hits_x2",
                                        "joint_teacher_acc", "joint_student_acc")}}
     return {"settings": sweep.settings, "teacher_acc": teacher_acc, "no_kd_acc": no_kd_acc, "cmd_input": cmd_input,
-            "masked_teacher_acc": masked_teacher_acc, "per_run": per_run, "saliency": saliency,
+            "masked_teacher_acc": masked_teacher_acc, "per_run": per_run, "saliency": saliency, "logits": logits,
             "timings": dict(sweep.timings), "cpu_timings": dict(sweep.cpu_timings)}
 
 
@@ -257,7 +264,7 @@ def summarize(cfg: dict, block: dict, seconds: float, cpu_seconds: float, log=pr
         + ", ".join(f"{k} {v:.1f} / {cpu_timings[k]:.1f}" for k, v in timings.items())
         + f"; total {seconds:.1f} s wall, {cpu_seconds:.1f} s CPU ({workers} process(es), "
         f"{threads} thread(s) each)")
-    return {**out, "saliency": sal, "mode": cfg["alg1"]["mode"], "mask_dim": cfg["alg1"]["mask_dim"],
+    return {**out, "saliency": sal, "logits": block["logits"], "mode": cfg["alg1"]["mode"], "mask_dim": cfg["alg1"]["mask_dim"],
             "teacher_acc": block["teacher_acc"], "no_kd_acc": no_kd_acc,
             "masked_teacher_acc": block["masked_teacher_acc"], "timings": timings, "cpu_timings": cpu_timings,
             "seconds": seconds, "cpu_seconds": cpu_seconds, "threads": threads, "workers": workers}

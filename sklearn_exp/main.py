@@ -25,7 +25,8 @@ def parse_args(argv=None):
     p = C.base_parser(__doc__.splitlines()[0])
     p.set_defaults(out=str(HERE / "runs"))
     sweep.add_flags(p, "reproduce the reference's number-changing behaviours (scaler leak, same data every run, "
-                       "identical Alg.1 init, reversed JS, ω not detached)")
+                       "identical Alg.1 init, reversed JS, ω not detached, FitNet regressor and CRD embeddings "
+                       "untrained, random mode with replacement)")
     p.add_argument("--mode", help="Algorithm-1 selection: alg1, random or reverse")
     p.add_argument("--mask-dim", type=int, dest="mask_dim", help="teacher (x1) columns kept by Algorithm 1")
     return p.parse_args(argv)

@@ -85,4 +85,5 @@ def reproduce(results_dir: Path, device: str = "auto", workers: int = 1) -> str:
     args = sk_main.parse_args(["--set", "progress=false", "--workers", str(workers)])
     cfg = sk_main.resolve_config(args)
     run_dir, results = sk_main.run(cfg, Path(results_dir) / "sklearn_exp", device)
+    sweep.save_ntd_records(results, run_dir.path, Path(results_dir) / "sklearn_exp", "sklearn_exp")
     return section(results, run_dir.path, Path(results_dir))

@@ -63,13 +63,18 @@ class CRDistill(DistillLoss):
 
     def __init__(self, student_dim: int, teacher_dim: int, n_data: int, feat_dim: int = 128, nce_k: int = 16384,
                  nce_t: float = 0.07, nce_m: float = 0.5, dataset_labels=None, draws: int | None = None,
-                 sample_rows: int | None = None, eps: float = 1e-7, runs: int | None = None):
+                 sample_rows: int | None = None, eps: float = 1e-7, runs: int | None = None,
+                 train_embeddings: bool = True):
         super().__init__(runs)
         g = self.groups
         self.n_data, self.nce_k, self.nce_t, self.nce_m, self.eps = int(n_data), int(nce_k), nce_t, nce_m, eps
         self.draws, self.sample_rows = int(draws or nce_k), sample_rows
         self.embed_s = BatchedLinear(student_dim, feat_dim, runs=g)
         self.embed_t = BatchedLinear(teacher_dim, feat_dim, runs=g)
+        # train_embeddings False: the embeddings stay at their initial weights, as in the reference, whose optimiser
+        # holds the student's parameters only (NTDH gauss/main.py, `train_kd`: SGD(student.parameters()))
+        self.embed_s.requires_grad_(train_embeddings)
+        self.embed_t.requires_grad_(train_embeddings)
         bound = 1.0 / math.sqrt(feat_dim / 3)
         init = lambda: (torch.rand(g, self.n_data, feat_dim) * 2 * bound - bound).transpose(1, 2).contiguous()
         self.register_buffer("bank_s", init())  # (G, f, n_data), feature-major; memory_s is the (G, n, f) view

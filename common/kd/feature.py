@@ -78,10 +78,17 @@ class FitNetDistill(DistillLoss):
     regressor "bn_relu": ReLU(BatchNorm(s)) with a trainable affine — the reference's ConvReg, which it re-created
         (untrained) at every step; here it is built once and optimised. Needs student_dim == teacher_dim.
     regressor "linear_bn_relu": both.
+    trainable: False keeps the regressor at its initial state (no gradient, not optimised). With "bn_relu" that is
+        exactly the reference's behaviour (NTDH gauss/main.py, `train_kd`, mode `hint`: a new ConvReg — BatchNorm1d in
+        train mode, weight 1, bias 0, then ReLU — built at every step and never trained); the parity path.
     """
 
-    def __init__(self, student_dim: int, teacher_dim: int, regressor: str = "linear", runs: int | None = None):
+    def __init__(self, student_dim: int, teacher_dim: int, regressor: str = "linear", runs: int | None = None,
+                 trainable: bool = True):
         super().__init__(runs)
+        if not trainable and regressor != "bn_relu":
+            raise ValueError(f"fitnet trainable: false needs regressor 'bn_relu' (an untrained BatchNorm + ReLU is the "
+                             f"same every step; a fresh random linear map is not), got {regressor!r}")
         if regressor not in ("linear", "bn_relu", "linear_bn_relu"):
             raise ValueError(f"fitnet regressor must be 'linear', 'bn_relu' or 'linear_bn_relu', got {regressor!r}")
         if regressor == "bn_relu" and student_dim != teacher_dim:
@@ -93,6 +100,7 @@ class FitNetDistill(DistillLoss):
         if regressor.endswith("bn_relu"):
             layers += [_RowBatchNorm(teacher_dim, runs), nn.ReLU()]
         self.regressor = nn.Sequential(*layers)
+        self.regressor.requires_grad_(trainable)
 
     def forward(self, student_out, teacher_out, labels=None, omega=None, index=None):
         s, t = self._rows(student_out, "student_out"), self._rows(teacher_out, "teacher_out")

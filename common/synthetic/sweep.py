@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -85,12 +86,28 @@ def check_config(cfg: dict) -> None:
             raise C.ConfigError(f"kd.methods.{method}: {err}") from None
 
 
+#: under parity, the options each term gets: the reference optimises the student's parameters only, so FitNet's
+#: regressor (rebuilt untrained every step, NTDH gauss/main.py `train_kd`, mode hint) and CRD's embeddings stay at
+#: their initial state
+PARITY_OPTIONS = {"fitnet": {"trainable": False}, "crd": {"train_embeddings": False}}
+
+
+def parity_methods(kd: dict, method: str) -> dict:
+    """kd with the terms of `method` given PARITY_OPTIONS (a copy; kd itself is not changed)."""
+    terms = {}
+    for term, options in kd["methods"][method].items():
+        options = dict(options or {})
+        terms[term] = {**options, **PARITY_OPTIONS.get(options.get("loss", term), {})}
+    return {**kd, "methods": {**kd["methods"], method: terms}}
+
+
 def objective_for(cfg: dict, method: str, mask: str, train_y: torch.Tensor, n_classes: int):
     """The Objective of one (method, mask) for every group of a sweep, with what only the sweep knows (its sizes and
-    training labels (G, N)); ω not detached under parity (the reference's behaviour)."""
+    training labels (G, N)); under parity ω not detached and PARITY_OPTIONS (the reference's behaviour)."""
     context = {"student_dim": n_classes, "teacher_dim": n_classes, "n_data": train_y.shape[1],
                "dataset_labels": train_y}
-    return dispatch.objective(cfg["kd"], method, mask, detach_omega=not cfg["parity"], runs=train_y.shape[0],
+    kd = parity_methods(cfg["kd"], method) if cfg["parity"] else cfg["kd"]
+    return dispatch.objective(kd, method, mask, detach_omega=not cfg["parity"], runs=train_y.shape[0],
                               context=context)
 
 
@@ -267,6 +284,37 @@ def ntdh_scatter(results: dict, path, xlabel: str):
         means[label] = (v[div].mean(1), v["delta"].mean(1), v["delta"].std(1))
     return plots.scatter_plot(path, scatter, means=means, xlabel=xlabel, ylabel="Delta (points)",
                               title=f"NTDH: KD gain vs {DIVERGENCES[div]} (`{div}`)")
+
+
+def test_logits(sweep, teacher_test: torch.Tensor, baseline_test: torch.Tensor, labels: torch.Tensor) -> dict:
+    """The pre-distillation logits the NTD advisor reads (common.ntd), per run: teacher and no-KD baseline (G, C, N)
+    test logits → (S, R, N, C) float32 and the labels (S, R, N), runs on axis 1 so blocks concatenate."""
+    S, R = len(sweep.settings), sweep.runs
+    rows = lambda z: z.detach().transpose(1, 2).float().cpu().numpy().reshape(S, R, z.shape[2], z.shape[1])
+    return {"teacher": rows(teacher_test), "probe": rows(baseline_test),
+            "labels": labels.cpu().numpy().reshape(S, R, -1)}
+
+
+def save_ntd_records(results: dict, run_dir, out_dir, source: str) -> list[dict]:
+    """For the NTD advisor's check (common.ntd): per setting γ, the teacher's and the no-KD baseline's test logits of
+    all runs of that γ stacked as rows (<run_dir>/ntd/{teacher,probe}_gamma<γ>.npz), and the Delta measured there,
+    of the kl/none configuration (the reference default; else the first one run) — one record per γ in
+    <out_dir>/advisor_records.json. Returns the records."""
+    from common import ntd
+
+    key = "kl/none" if "kl/none" in results["per_run"] else next(iter(results["per_run"]))
+    lg, delta, records = results["logits"], results["per_run"][key]["delta"], []
+    for s, setting in enumerate(results["settings"]):
+        tag = f"gamma{setting['gamma']:.2f}"
+        labels = lg["labels"][s].reshape(-1)
+        for role in ("teacher", "probe"):
+            z = lg[role][s]
+            ntd.save_logits(run_dir, role, z.reshape(-1, z.shape[-1]), labels, tag=tag, split="test",
+                            source=f"{source} {role}, γ = {setting['gamma']:.2f}, {z.shape[0]} runs stacked")
+        records.append({"label": f"γ={setting['gamma']:.2f} ({key})", "teacher": Path(run_dir), "tag": tag,
+                        "delta": float(delta[s].mean())})
+    ntd.save_check_records(out_dir, records)
+    return records
 
 
 def ntdh_within_plot(results: dict, path, xlabel: str):

@@ -163,3 +163,26 @@ def test_error_distribution_on_a_constructed_case():
     assert torch.allclose(out["error_t"][0], p)
     assert torch.allclose(out["error_s"][0], torch.tensor([[1.0, 0.0], [0.0, 0.0]]).softmax(0).mean(1))
     assert torch.isnan(out["error_t"][1]).all()   # group 1: the teacher is right on both label-0 samples
+
+
+def test_ntd_advisor_records_per_gamma(tmp_path):
+    """gauss/report.py's reproduce writes, per γ, the teacher's and the no-KD baseline's test logits (all runs of the
+    γ stacked as rows) and the measured Delta; the NTD advisor (common.ntd) reads them back and scores every γ."""
+    from common import ntd
+    from common.synthetic import sweep
+
+    args = gauss_main.parse_args(["--runs", "3", "--out", str(tmp_path), "--set", "data.overlaps=[0,10]", "--set",
+                                  "train.epochs=100", "--set", "progress=false", "--workers", "1"])
+    run_dir, results = gauss_main.run(gauss_main.resolve_config(args), args.out, "cpu")
+    records = sweep.save_ntd_records(results, run_dir.path, tmp_path, "gauss test")
+    assert [r["tag"] for r in records] == ["gamma0.00", "gamma1.00"]
+    for s, r in enumerate(records):
+        assert abs(r["delta"] - results["per_run"]["kl/none"]["delta"][s].mean()) < 1e-9
+        with np.load(ntd.logits_path(run_dir.path, "teacher", r["tag"])) as f:
+            assert f["logits"].shape == (3 * 1000, 2) and f["labels"].shape == (3 * 1000,)
+            acc = (f["logits"].argmax(1) == f["labels"]).mean()
+        assert abs(acc - results["rows"][s]["teacher_acc"]) < 1e-6   # the rows are the teacher's test outputs
+    saved = json.loads((tmp_path / ntd.CHECK_RECORDS).read_text())
+    assert [r["label"] for r in saved] == ["γ=0.00 (kl/none)", "γ=1.00 (kl/none)"]
+    check, rows = ntd.check_from_records({"gauss": tmp_path})
+    assert len(rows) == 2

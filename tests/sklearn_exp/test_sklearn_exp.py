@@ -225,3 +225,20 @@ def test_delta_rises_with_gamma():
     assert res["divergence"] == "ncjsd" and {"ncjsd_kept", "rho_within_lo"} <= set(res["rows"][0])
     err = res["error_distribution"]["kl/none"]
     assert len(err) == 2 and all(e["mean_s"] is None or abs(sum(e["mean_s"]) - 1) < 1e-5 for e in err)
+
+
+def test_random_mode_draws_with_replacement_under_parity():
+    """Parity: the reference's random mode draws mask_dim columns with replacement (np.random.randint), so repeats
+    occur; the default draws distinct columns."""
+    from sklearn_exp.experiment import kept_columns
+
+    sal = torch.zeros(400, 10)
+    rep = kept_columns(sal, "random", 5, torch.Generator().manual_seed(0), replace=True)
+    distinct = kept_columns(sal, "random", 5, torch.Generator().manual_seed(0))
+    assert rep.shape == distinct.shape == (400, 5) and int(rep.min()) >= 0 and int(rep.max()) <= 9
+    repeats = torch.tensor([len(set(r.tolist())) < 5 for r in rep])
+    assert repeats.any() and not repeats.all()
+    assert all(len(set(r.tolist())) == 5 for r in distinct)
+    # alg1 / reverse are unaffected by the switch
+    sal = torch.arange(10.0).expand(3, 10)
+    assert (kept_columns(sal, "alg1", 3, torch.Generator(), replace=True) == torch.tensor([7, 8, 9])).all()

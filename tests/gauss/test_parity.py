@@ -1,0 +1,53 @@
+"""The parity switches of the synthetic sweeps (`parity: true`): each restores one number-changing behaviour of the
+reference code (NTDH gauss/main.py and sklearn/main.py, `train_kd`)."""
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from common.kd import build_loss
+from common.synthetic import sweep
+from gauss import experiment
+from tests.gauss.test_gauss import small_cfg
+
+
+def test_fitnet_untrained_regressor_is_a_fresh_batchnorm_relu_every_step():
+    """trainable: false → no trainable parameter, and the loss is MSE(ReLU(BatchNorm1d fresh, train mode)(z_s), z_t)
+    at every step, as the reference rebuilding its ConvReg each step computes it."""
+    g = torch.Generator().manual_seed(0)
+    loss = build_loss("fitnet", student_dim=2, teacher_dim=2, regressor="bn_relu", trainable=False)
+    assert not any(p.requires_grad for p in loss.parameters())
+    for _ in range(3):
+        z_s, z_t = torch.randn(50, 2, generator=g), torch.randn(50, 2, generator=g)
+        fresh = torch.nn.Sequential(torch.nn.BatchNorm1d(2), torch.nn.ReLU()).train()
+        assert torch.allclose(loss(z_s, z_t), F.mse_loss(fresh(z_s), z_t), atol=1e-6)
+    trained = build_loss("fitnet", student_dim=2, teacher_dim=2, regressor="bn_relu")
+    assert all(p.requires_grad for p in trained.parameters())
+    try:
+        build_loss("fitnet", student_dim=2, teacher_dim=2, regressor="linear", trainable=False)
+    except ValueError as e:
+        assert "bn_relu" in str(e)
+    else:
+        raise AssertionError("trainable: false with a linear regressor must be refused")
+
+
+def test_parity_objective_leaves_fitnet_regressor_and_crd_embeddings_untrained():
+    cfg = small_cfg(runs=2, parity=True, **{"train.epochs": 5, "data.overlaps": [0], "kd.losses": ["fitnet", "crd"]})
+    before = copy.deepcopy(cfg["kd"])
+    y = torch.randint(0, 2, (2, 200), generator=torch.Generator().manual_seed(1))
+    for method in ("fitnet", "crd"):
+        obj = sweep.objective_for(cfg, method, "none", y, 2)
+        assert not any(p.requires_grad for p in obj.parameters()), method
+        off = sweep.objective_for({**cfg, "parity": False}, method, "none", y, 2)
+        assert any(p.requires_grad for p in off.parameters()), method
+    assert cfg["kd"] == before   # the config itself is not changed
+
+
+def test_parity_sweep_keeps_crd_embeddings_at_their_initial_weights():
+    """A whole parity sweep of crd and fitnet runs (the terms' frozen parts get no update) and differs from the
+    default, whose regressor / embeddings are trained."""
+    base = {"train.epochs": 30, "data.overlaps": [0], "kd.losses": ["fitnet"], "runs": 2}
+    on = experiment.run_sweep(small_cfg(parity=True, **base), torch.device("cpu"), log=lambda *_: None)
+    off = experiment.run_sweep(small_cfg(**base), torch.device("cpu"), log=lambda *_: None)
+    a, b = on["per_run"]["fitnet/none"]["target_mass_js"], off["per_run"]["fitnet/none"]["target_mass_js"]
+    assert a.shape == b.shape and (a != b).any()
