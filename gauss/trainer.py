@@ -5,6 +5,8 @@ common.synthetic.dispatch (closed-form gradients where the objective has one, au
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from common.run import derived_seed
@@ -22,11 +24,50 @@ def init_seeds(cfg: dict, sweep, role: int) -> list[int]:
     return [3 * (cfg["seed"] + sweep.first_run + r) + role for _ in sweep.settings for r in range(sweep.runs)]
 
 
+def reference_stream(seed: int, teacher_in: int, student_in: int, classes: int, crd_feat: int = 8,
+                     crd_n_data: int = 200) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The initial (weight, bias) of teacher, KD student and no-KD baseline as NTDH gauss/main.py draws them from one
+    torch stream: `seed(seed_num + 1)` before the test set, then `run_mm` builds the teacher LinearClassifier, the
+    student (`train_kd`), CRDLoss — always constructed, whatever the mode: its two Embed Linear(2, feat_dim) layers
+    and the two ContrastMemory banks torch.rand(n_data, feat_dim) — and the baseline, in that order. Keyed by role.
+    nn.Linear's init is U(−1/√in, 1/√in) for weight, then bias."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def linear(fan_in, out):
+        bound = 1.0 / math.sqrt(fan_in)
+        w = torch.empty(out, fan_in).uniform_(-bound, bound, generator=gen)
+        return w, torch.empty(out).uniform_(-bound, bound, generator=gen)
+
+    teacher, student = linear(teacher_in, classes), linear(student_in, classes)
+    linear(classes, crd_feat), linear(classes, crd_feat)                        # CRD embed_s, embed_t
+    torch.rand(crd_n_data, crd_feat, generator=gen), torch.rand(crd_n_data, crd_feat, generator=gen)  # memory banks
+    return {TEACHER: teacher, STUDENT: student, BASELINE: linear(student_in, classes)}
+
+
+@torch.no_grad()
+def reference_init(model: BatchedLinear, cfg: dict, sweep, role: int, teacher_in: int) -> None:
+    """Parity (NTDH gauss sweeps): each group's initial weights from its run's reference stream (reference_stream
+    with seed `seed + r + 1`, the run's test-set seed); the same for every γ, as the reference."""
+    per_run = {}
+    for g in range(sweep.groups):
+        r = sweep.first_run + g % sweep.runs
+        if r not in per_run:
+            per_run[r] = reference_stream(cfg["seed"] + r + 1, teacher_in, sweep.train.x2.shape[1],
+                                          model.out_features)[role]
+        w, b = per_run[r]
+        model.weight[g].copy_(w)
+        model.bias[g, :, 0].copy_(b)
+
+
 def train_linear(cfg: dict, sweep, x: torch.Tensor, role: int, desc: str, objective=None, teacher_out=None):
     """One BatchedLinear per group on x (G, D, N) against the training labels: the cross-entropy alone (objective
-    None), or `objective` against the teacher's training logits."""
+    None), or `objective` against the teacher's training logits. Initial weights: one seed per run and role, or
+    under parity the reference's torch construction order (reference_init)."""
     model = BatchedLinear(x.shape[1], int(sweep.train.y.max()) + 1, runs=sweep.groups,
-                          seeds=init_seeds(cfg, sweep, role)).to(x.device)
+                          seeds=init_seeds(cfg, sweep, role))
+    if cfg["parity"]:
+        reference_init(model, cfg, sweep, role, sweep.train.x1.shape[1])
+    model = model.to(x.device)
     t = cfg["train"]
     return dispatch.train(model, x, sweep.train.y, epochs=t["epochs"], lr=t["lr"], momentum=t["momentum"],
                           objective=objective, teacher_out=teacher_out, desc=desc, progress=cfg["progress"],

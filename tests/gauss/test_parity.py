@@ -51,3 +51,25 @@ def test_parity_sweep_keeps_crd_embeddings_at_their_initial_weights():
     off = experiment.run_sweep(small_cfg(**base), torch.device("cpu"), log=lambda *_: None)
     a, b = on["per_run"]["fitnet/none"]["target_mass_js"], off["per_run"]["fitnet/none"]["target_mass_js"]
     assert a.shape == b.shape and (a != b).any()
+
+
+def test_reference_torch_construction_order():
+    """Parity: teacher, student, CRD (embeddings and memory banks) and baseline drawn from one stream in the
+    reference's order — built here with torch's own modules under the global seed, as NTDH gauss/main.py does."""
+    from gauss import trainer
+
+    torch.manual_seed(7)
+    teacher, student = torch.nn.Linear(25, 2), torch.nn.Linear(25, 2)
+    torch.nn.Linear(2, 8), torch.nn.Linear(2, 8)
+    torch.rand(200, 8), torch.rand(200, 8)
+    baseline = torch.nn.Linear(25, 2)
+    got = trainer.reference_stream(7, 25, 25, 2)
+    for role, ref in ((trainer.TEACHER, teacher), (trainer.STUDENT, student), (trainer.BASELINE, baseline)):
+        assert torch.equal(got[role][0], ref.weight.detach()) and torch.equal(got[role][1], ref.bias.detach())
+    cfg = small_cfg(runs=2, parity=True, **{"train.epochs": 1, "data.overlaps": [0, 10]})
+    sw = experiment.build_sweep(cfg)
+    model = trainer.BatchedLinear(25, 2, runs=sw.groups)
+    trainer.reference_init(model, cfg, sw, trainer.BASELINE, 25)
+    run1 = trainer.reference_stream(cfg["seed"] + 1 + 1, 25, 25, 2)[trainer.BASELINE]
+    for g in (1, 3):   # run 1 at both γ
+        assert torch.equal(model.weight[g], run1[0]) and torch.equal(model.bias[g, :, 0], run1[1])
