@@ -17,13 +17,13 @@ from gauss.figures import by_method, modify_keys, sweep_axis
 def markdown_table(rows, div: str = experiment.DIVERGENCE) -> str:
     """The sweep's table; `div` the divergence column (target_mass_js: the JS of the target mass [p_y, 1 − p_y],
     two classes), on all test samples and on those ω keeps, with the within-γ Spearman ρ(div, Delta)."""
-    head = (f"| method | mask | γ | teacher | no-KD | KD | Delta (pts) | CMD in | CMD out | `{div}` all | `{div}` ω > 0 "
-            f"| ρ within γ [95 % CI] |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
-    body = [f"| {r['loss']} | {r['mask']} | {r['gamma']:.2f} | {r['teacher_acc']:.4f} | {r['no_kd_acc']:.4f} | "
-            f"{r['kd_acc']:.4f} | {r['delta_mean']:+.2f} ± {r['delta_std']:.2f} | {r['cmd_input']:.2f} | "
-            f"{r['cmd_output']:.4f} | {r[div]:.4f} | {r[div + '_kept']:.4f} | {r['rho_within']:+.2f} "
-            f"[{r['rho_within_lo']:+.2f}, {r['rho_within_hi']:+.2f}] |" for r in rows]
-    return "\n".join([head, *body])
+    f = sweep.fmt
+    return sweep.markdown_table(rows, [
+        ("method", f("loss", "")), ("mask", f("mask", "")), ("γ", f("gamma", ".2f")), ("teacher", f("teacher_acc")),
+        ("no-KD", f("no_kd_acc")), ("KD", f("kd_acc")),
+        ("Delta (pts)", lambda r: f"{r['delta_mean']:+.2f} ± {r['delta_std']:.2f}"), ("CMD in", f("cmd_input", ".2f")),
+        ("CMD out", f("cmd_output")), (f"`{div}` all", f(div)), (f"`{div}` ω > 0", f(div + "_kept")),
+        ("ρ within γ [95 % CI]", sweep.rho_cell)])
 
 
 def section(results: dict, run_dir: Path, rel_to: Path, title: str = "## NTDH synthetic Gaussian (`gauss`)") -> str:
@@ -61,14 +61,14 @@ def section(results: dict, run_dir: Path, rel_to: Path, title: str = "## NTDH sy
 
 
 def markdown_modify_table(rows) -> str:
-    head = ("| method | mode | xs2 | γ | teacher reg | teacher mg | no-KD | KD reg | KD mg | teacher diff (pts) | "
-            "student diff (pts) | Alg. 1 id x1 |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
-    body = [f"| {r['loss']}/{r['mask']} | {r['mode']} | {r['xs2_dim']} | {r['gamma']:.2f} | "
-            f"{r['regular_teacher_acc']:.4f} | {r['mg_teacher_acc']:.4f} | {r['no_kd_acc']:.4f} | "
-            f"{r['regular_kd_acc']:.4f} | {r['mg_kd_acc']:.4f} | {r['teacher_diff_mean']:+.2f} ± "
-            f"{r['teacher_diff_std']:.2f} | {r['student_diff_mean']:+.2f} ± {r['student_diff_std']:.2f} | "
-            f"{'–' if r['alg1_x1_id_acc'] is None else format(r['alg1_x1_id_acc'], '.3f')} |" for r in rows]
-    return "\n".join([head, *body])
+    f = sweep.fmt
+    diff = lambda key: (lambda r: f"{r[key + '_mean']:+.2f} ± {r[key + '_std']:.2f}")
+    return sweep.markdown_table(rows, [
+        ("method", lambda r: f"{r['loss']}/{r['mask']}"), ("mode", f("mode", "")), ("xs2", f("xs2_dim", "")),
+        ("γ", f("gamma", ".2f")), ("teacher reg", f("regular_teacher_acc")), ("teacher mg", f("mg_teacher_acc")),
+        ("no-KD", f("no_kd_acc")), ("KD reg", f("regular_kd_acc")), ("KD mg", f("mg_kd_acc")),
+        ("teacher diff (pts)", diff("teacher_diff")), ("student diff (pts)", diff("student_diff")),
+        ("Alg. 1 id x1", lambda r: "–" if r["alg1_x1_id_acc"] is None else format(r["alg1_x1_id_acc"], ".3f"))])
 
 
 def section_modify(results: dict, run_dir: Path, rel_to: Path, title: str) -> str:

@@ -10,15 +10,15 @@ from sklearn_exp.figures import by_method
 
 
 def markdown_table(rows, mask_dim: int) -> str:
-    head = ("| method | mask | γ | teacher | no-KD | KD | Delta (pts) | `ncjsd` all | `ncjsd` ω > 0 | ρ within γ "
-            "[95 % CI] | CMD in | masked T | masked S | hits x1 | hits x2 |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    body = [f"| {r['loss']} | {r['mask']} | {r['gamma']:.2f} | {r['teacher_acc']:.4f} | {r['no_kd_acc']:.4f} | "
-            f"{r['kd_acc']:.4f} | {r['delta_mean']:+.2f} ± {r['delta_std']:.2f} | {r['ncjsd']:.4f} | "
-            f"{r['ncjsd_kept']:.4f} | {r['rho_within']:+.2f} [{r['rho_within_lo']:+.2f}, {r['rho_within_hi']:+.2f}] | "
-            f"{r['cmd_input']:.2f} | {r['masked_teacher_acc']:.4f} | {r['masked_student_acc']:.4f} | "
-            f"{r['saliency_hits_x1']:.2f}/{mask_dim} | {r['saliency_hits_x2']:.2f}/{mask_dim} |" for r in rows]
-    return "\n".join([head, *body])
+    f = sweep.fmt
+    hits = lambda key: (lambda r: f"{r[key]:.2f}/{mask_dim}")
+    return sweep.markdown_table(rows, [
+        ("method", f("loss", "")), ("mask", f("mask", "")), ("γ", f("gamma", ".2f")), ("teacher", f("teacher_acc")),
+        ("no-KD", f("no_kd_acc")), ("KD", f("kd_acc")),
+        ("Delta (pts)", lambda r: f"{r['delta_mean']:+.2f} ± {r['delta_std']:.2f}"), ("`ncjsd` all", f("ncjsd")),
+        ("`ncjsd` ω > 0", f("ncjsd_kept")), ("ρ within γ [95 % CI]", sweep.rho_cell), ("CMD in", f("cmd_input", ".2f")),
+        ("masked T", f("masked_teacher_acc")), ("masked S", f("masked_student_acc")),
+        ("hits x1", hits("saliency_hits_x1")), ("hits x2", hits("saliency_hits_x2"))])
 
 
 def section(results: dict, run_dir: Path, rel_to: Path) -> str:

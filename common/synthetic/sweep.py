@@ -355,3 +355,19 @@ def run_in_dir(cfg: dict, out, device: str, code_from, body: Callable) -> tuple:
         rd.log(f"done in {results['seconds']:.1f} s; summary.csv, summary.json and plots in {rd.path}")
         rd.close()
         return rd, results
+
+
+def markdown_table(rows: list[dict], columns: Sequence[tuple[str, Callable[[dict], str]]]) -> str:
+    """A markdown table for the report: columns (header, cell(row) → text), one line per row."""
+    head = "| " + " | ".join(name for name, _ in columns) + " |\n|" + "---|" * len(columns)
+    return "\n".join([head, *("| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows)])
+
+
+def rho_cell(r: dict) -> str:
+    """The within-setting Spearman ρ of a row with its 95 % interval."""
+    return f"{r['rho_within']:+.2f} [{r['rho_within_lo']:+.2f}, {r['rho_within_hi']:+.2f}]"
+
+
+def fmt(key: str, spec: str = ".4f") -> Callable[[dict], str]:
+    """cell(row) = format(row[key], spec)."""
+    return lambda r: format(r[key], spec)
