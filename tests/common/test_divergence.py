@@ -1,5 +1,6 @@
 """common.divergence: JS (textbook and reference variants) on the target / non-target split, KL helpers and CMD,
-against direct float64 numpy computations (spec §10.4, §10.13)."""
+against direct float64 numpy computations (NTDH repository: `js_divergence`; CMD: Zellinger et al., ICLR 2017,
+without the range normalisation, as the reference's `CMD`)."""
 from __future__ import annotations
 
 import math

@@ -1,5 +1,6 @@
 """KD losses (common.kd): every registered term against an independent float64 numpy / loop computation of its
-formula (spec §10), gradients (autograd.gradcheck), the ω contract (per-sample weight vs soft batch membership),
+formula (the papers and the NTDH reference repository's loss functions),
+gradients (autograd.gradcheck), the ω contract (per-sample weight vs soft batch membership),
 the runs axis (R, C, N) == R separate calls, dense (B, C, H, W) == flattened rows, and the Objective.
 
 The reference computations below never call common code: they are written from the formulas in
@@ -59,7 +60,8 @@ def ref_kl(zs, zt, T=1.0, reduction="batchmean", t2=False, omega=None, mode="sca
 
 
 def ref_dkd(zs, zt, y, alpha, beta, T, omega=None):
-    """The reference DKD (spec §10.3), with its softmax(z/T − 1000·G) non-target trick."""
+    """The reference DKD (NTDH repository, `dkd_loss`; Zhao et al., CVPR 2022), with its softmax(z/T − 1000·G)
+    non-target trick."""
     n, c = zs.shape
     tckd = nckd = 0.0
     for i in range(n):
@@ -148,7 +150,8 @@ def smooth_l1(a, b):
 
 
 def ref_rkd(s, t, w_d=25.0, w_a=50.0):
-    """Reference RKD (spec §10.8): all N² pairs (diagonal included in the mean) and all N³ triplets."""
+    """Reference RKD (Park et al., CVPR 2019; NTDH repository, `RKDLoss`): all N² pairs (diagonal included in the
+    mean) and all N³ triplets."""
     n = s.shape[0]
 
     def pdist(e):
@@ -787,7 +790,8 @@ def _normalize_rows(x):
 
 
 def ref_crd(s, t, loss, cidx, idx, omega=None):
-    """One CRD step (spec §10.6) for one run: returns (loss, new memory_s, new memory_t, z_s, z_t)."""
+    """One CRD step (Tian et al., ICLR 2020; NTDH repository, `CRDLoss`) for one run: returns (loss, new memory_s,
+    new memory_t, z_s, z_t)."""
     Ws, bs = loss.embed_s.weight.detach()[0].numpy(), loss.embed_s.bias.detach()[0, :, 0].numpy()
     Wt, bt = loss.embed_t.weight.detach()[0].numpy(), loss.embed_t.bias.detach()[0, :, 0].numpy()
     mem_s, mem_t = loss.memory_s[0].numpy().copy(), loss.memory_t[0].numpy().copy()
