@@ -89,4 +89,21 @@ def section(results: dict, cfg: dict, run_dir: Path, rel_to: Path) -> str:
 def reproduce(results_dir: Path, device: str = "auto") -> str:
     results_dir = Path(results_dir)
     rd, results, cfg = run_short(results_dir / "mnist", device)
+    advisor_records(results, rd.path, results_dir / "mnist")
     return section(results, cfg, rd.path, results_dir)
+
+
+def advisor_records(results: dict, run_dir: Path, out_dir: Path) -> None:
+    """For the NTD advisor's check: per removal mode, the teacher after removal (ntd/teacher_mode<m>.npz) against the
+    CE-only probe, and the measured Delta = KD student − CE-only baseline (test accuracy, points)."""
+    from common import ntd
+
+    ev = results["eval_tag"]
+    base = ev.get("baseline") or results.get("base_line")
+    if not base:
+        return
+    records = [{"label": f"mode {m}", "teacher": Path(run_dir), "tag": f"mode{m}",
+                "delta": 100 * (r["test_mean"] - base["test_mean"])}
+               for m, r in ev["modes"].items() if ntd.logits_path(run_dir, "teacher", f"mode{m}").is_file()]
+    if records:
+        ntd.save_check_records(out_dir, records)
