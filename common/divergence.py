@@ -96,6 +96,11 @@ def nontarget_js(z_s, z_t, labels, variant: str = "textbook", temperature: float
     return _js_from_log(log_ps, log_pt, variant, dim, support)
 
 
+def full_js(z_s, z_t, variant: str = "textbook", temperature: float = 1.0, dim: int = -1) -> torch.Tensor:
+    """Per-sample JS between the full class distributions (all C classes, target included) of student and teacher."""
+    return _js_from_log((z_s / temperature).log_softmax(dim), (z_t / temperature).log_softmax(dim), variant, dim)
+
+
 def js_divergence(z_s, z_t, labels, variant: str = "textbook", temperature: float = 1.0, dim: int = -1):
     """(target JS, non-target JS), each the mean over all samples, as the reference's `js_divergence` returns.
 

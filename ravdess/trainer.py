@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from common.divergence import nontarget_js
+from common.divergence import full_js, nontarget_js
 from common.run import RunDir
 from common.train import Checkpoint, EpochLog, Selector, check_finite, due, loader_generator
 from ravdess import data as D
@@ -131,6 +131,10 @@ def joint_step(teacher: nn.Module, student: nn.Module, batch: dict, distance: st
         parts["mse"] = F.mse_loss(out_a, out_b)
     elif distance == "ncjsd":
         parts["ncjsd"] = nontarget_js(out_b, out_a, y, variant, dim=1).mean()
+    elif distance == "js":
+        parts["js"] = full_js(out_b, out_a, variant, dim=1).mean()
+    elif distance is not None:
+        raise ValueError(f"tag.distance must be mse, ncjsd or js, got {distance!r}")
     return sum(parts.values()), parts
 
 

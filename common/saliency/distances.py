@@ -1,12 +1,13 @@
 """The distances of Algorithm 1's step 2 between each intervened teacher output and the fixed student output: MSE and
-L1 on the outputs (MFH) or the non-target JS (NTDH's ncjsd), with what every copy needs computed once."""
+L1 on the outputs (MFH), the non-target JS (NTDH's ncjsd) or the JS of the full class distributions (js, target
+included), with what every copy needs computed once."""
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
 
-DISTANCES = ("mse", "ncjsd", "l1")
+DISTANCES = ("mse", "ncjsd", "js", "l1")
 Distance = str | Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -33,7 +34,8 @@ def _nontarget_index(labels: torch.Tensor, n_classes: int, class_dim: int) -> to
 class _FixedStudent:
     """The student's output of one batch — fixed during step 2 — with what every copy's distance needs computed
     once: for "ncjsd", the student's non-target log-probabilities (and P log P), so each copy costs one gather and
-    one log-softmax over its own C − 1 non-target logits (the value of common.divergence.nontarget_js)."""
+    one log-softmax over its own C − 1 non-target logits (the value of common.divergence.nontarget_js); for "js",
+    the same over all C classes (common.divergence.full_js)."""
 
     def __init__(self, h_s: torch.Tensor, y: torch.Tensor, distance: Distance, variant: str, batch_dim: int,
                  class_dim: int):
@@ -46,6 +48,11 @@ class _FixedStudent:
             self.p_s = self.log_s.exp()
             self.plogp_s = self.p_s * self.log_s
             self.index = index.unsqueeze(batch_dim)   # broadcast over the copy axis
+        elif distance == "js":
+            self.log_s = h_s.log_softmax(class_dim).unsqueeze(batch_dim)
+            self.p_s = self.log_s.exp()
+            self.plogp_s = self.p_s * self.log_s
+            self.index = None                         # every class takes part
 
     def distances(self, h_t: torch.Tensor) -> torch.Tensor:
         """Distance of each intervened copy to the student, averaged over samples (and classes / positions).
@@ -63,9 +70,12 @@ class _FixedStudent:
             diff = h_t - h_s.unsqueeze(b)
             per_sample = (diff.pow_(2) if self.distance == "mse" else diff.abs_()).mean(classes)
         else:
-            shape = list(h_t.shape)
-            shape[classes] -= 1
-            log_t = h_t.gather(classes, self.index.expand(shape)).log_softmax(classes)
+            if self.index is None:
+                log_t = h_t.log_softmax(classes)
+            else:
+                shape = list(h_t.shape)
+                shape[classes] -= 1
+                log_t = h_t.gather(classes, self.index.expand(shape)).log_softmax(classes)
             p_t = log_t.exp()
             s = p_t + self.p_s
             # M = (P + Q)/2 underflows to 0 only where P and Q both do: those terms are 0 either way

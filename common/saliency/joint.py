@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from common.divergence import nontarget_js
+from common.divergence import full_js, nontarget_js
 from common.train import check_finite
 from common.saliency.distances import Distance, _check_distance, _without
 
@@ -25,6 +25,8 @@ def _agreement(out_a: torch.Tensor, out_b: torch.Tensor, y: torch.Tensor, distan
     if distance == "l1":
         return F.l1_loss(out_a, out_b)
     class_dim %= out_a.dim()
+    if distance == "js":
+        return full_js(out_b, out_a, variant, dim=class_dim).mean()
     labels = y.expand(_without(out_a.shape, class_dim))
     return nontarget_js(out_b, out_a, labels, variant, dim=class_dim).mean()
 

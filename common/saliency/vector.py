@@ -41,7 +41,8 @@ def saliency_vector(teacher: nn.Module, student: nn.Module, batches: Iterable, p
     channel_dim: the channel axis of the activation at `place` (negative counts from the end); None means
         batch_dim + 1.
     class_dim: the class axis of the model outputs (default last). "mse" and "l1" average over samples and classes,
-        "ncjsd" is the non-target JS over the class axis averaged over samples; a callable distance gets the outputs
+        "ncjsd" is the non-target JS over the class axis averaged over samples, "js" the JS of the full class
+        distributions (target included) averaged over samples; a callable distance gets the outputs
         as they are, (h_t, h_s, y), and returns one value per group.
     Axes before batch_dim that are neither the channel nor the class axis are independent groups (one saliency row
     each); the feature-major vectorised models, (R, D, N) → (R, C, N), take batch_dim=2, channel_dim=1, class_dim=1

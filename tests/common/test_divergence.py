@@ -116,6 +116,17 @@ def test_nontarget_and_target_js_values(variant, T):
         assert tg[i].item() == pytest.approx(np_js(bs, bt, variant), rel=1e-10, abs=1e-15)
 
 
+@pytest.mark.parametrize("variant", ["textbook", "reference"])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_full_js_values(variant, T):
+    """full_js: the JS of the whole softmax (target included), unlike nontarget_js it changes with the target mass."""
+    zs, zt, y = data(n=8, c=6, seed=9, scale=3.0)
+    got = D.full_js(t(zs), t(zt), variant, T)
+    for i in range(8):
+        assert got[i].item() == pytest.approx(np_js(np_softmax(zs[i], T), np_softmax(zt[i], T), variant), rel=1e-10)
+    torch.testing.assert_close(D.full_js(t(zs).T, t(zt).T, variant, T, dim=0), got)
+
+
 def test_reference_variant_is_reverse_kl_to_mixture():
     """The reference quantity ½[KL(M‖P) + KL(M‖Q)] — through the reference's own softmax(z − 1000·onehot) trick."""
     zs, zt, y = data(n=5, c=4, seed=6)

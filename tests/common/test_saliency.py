@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from common.divergence import nontarget_js
+from common.divergence import full_js, nontarget_js
 from common.saliency import (Intervention, channel_count, intervene, joint_train, remove_channels, removal_indices,
                              resolve_place, saliency_vector)
 from common.synthetic import dispatch, rank1
@@ -48,6 +48,9 @@ def _distance(name, class_dim=-1):
     if name == "l1":
         return lambda h_t, h_s, y: (h_t - h_s).abs().mean((-2, -1))
 
+    if name == "js":
+        return lambda h_t, h_s, y: full_js(h_s, h_t, dim=class_dim).mean(-1)
+
     def ncjsd(h_t, h_s, y):
         labels = y.expand(h_s.movedim(class_dim, -1).shape[:-1])
         return nontarget_js(h_s, h_t, labels, dim=class_dim).mean(-1)
@@ -81,7 +84,7 @@ def _naive_saliency(teacher, student, batches, place, op, distance, repeats, gen
 # 1. Known decisive channels rank on top
 
 
-@pytest.mark.parametrize("distance", ["mse", "ncjsd", "l1"])
+@pytest.mark.parametrize("distance", ["mse", "ncjsd", "js", "l1"])
 def test_input_saliency_ranks_shared_decisive_features_on_top(distance):
     teacher, student, x_t, x_s, y = _toy_modalities()
     batches = [(x_t[:128], x_s[:128], y[:128]), (x_t[128:], x_s[128:], y[128:])]
@@ -171,7 +174,7 @@ def _mlp_pair():
 
 @pytest.mark.parametrize("place", ["input", "1", "3"])
 @pytest.mark.parametrize("op", ["zero", "mean", "permute"])
-@pytest.mark.parametrize("distance", ["mse", "ncjsd", "l1"])
+@pytest.mark.parametrize("distance", ["mse", "ncjsd", "js", "l1"])
 def test_chunked_equals_naive_per_channel_loop(place, op, distance):
     teacher, student, batches = _mlp_pair()
     # chunk=3 does not divide the channel counts (5, 8, 6): the last chunk is partial. The same seed gives the same
@@ -185,7 +188,7 @@ def test_chunked_equals_naive_per_channel_loop(place, op, distance):
 
 @pytest.mark.parametrize("place", ["input", "1"])
 @pytest.mark.parametrize("op", ["zero", "mean", "permute"])
-@pytest.mark.parametrize("distance", ["mse", "ncjsd", "l1"])
+@pytest.mark.parametrize("distance", ["mse", "ncjsd", "js", "l1"])
 def test_chunked_equals_naive_per_channel_loop_feature_major_runs(place, op, distance):
     """Channel axis before the batch axis, runs axis in front: (R, 12, N) → (R, 5, N) → (R, 4, N)."""
     teacher, student, batches = _runs_pair(runs=2, n=23, dtype=torch.float64)
@@ -390,7 +393,7 @@ def test_saliency_averages_all_batches_weighted_by_size():
 # 6. Joint training
 
 
-@pytest.mark.parametrize("distance", ["mse", "ncjsd"])
+@pytest.mark.parametrize("distance", ["mse", "ncjsd", "js"])
 def test_joint_train_reduces_loss(distance):
     _, _, x_t, x_s, y = _toy_modalities(n=256)
     torch.manual_seed(0)
@@ -410,6 +413,7 @@ def test_joint_train_ncjsd_matches_divergence_and_has_finite_gradients(variant):
     y = torch.randint(0, 5, (9,), generator=g)
     d = _agreement(a, b, y, "ncjsd", variant)
     torch.testing.assert_close(d, nontarget_js(b, a, y, variant).mean())
+    torch.testing.assert_close(_agreement(a, b, y, "js", variant), full_js(b, a, variant).mean())
     d.backward()
     assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all() and a.grad.abs().sum() > 0
 

@@ -96,12 +96,12 @@ def _both(teacher, place, batches, **kw):
 
 
 DISTANCES = [("mse", "textbook"), ("l1", "textbook"), ("ncjsd", "textbook"), ("ncjsd", "reference"),
-             (_full_js, "textbook"), (_ncjsd_callable, "textbook")]
+             (_full_js, "textbook"), (_ncjsd_callable, "textbook"), ("js", "textbook"), ("js", "reference")]
 
 
 @pytest.mark.parametrize("op", ["permute", "zero", "mean"])
 @pytest.mark.parametrize("distance,variant", DISTANCES, ids=["mse", "l1", "ncjsd", "ncjsd_reference", "full_js",
-                                                              "callable_ncjsd"])
+                                                              "callable_ncjsd", "js", "js_reference"])
 @pytest.mark.parametrize("place", ["input", "act1", "act2"])
 def test_rank1_equals_copy_path_on_an_mlp(place, distance, variant, op):
     teacher = MLP()

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from common.config import ConfigError
-from common.divergence import nontarget_js
+from common.divergence import full_js, nontarget_js
 from common.run import RunDir, cli, load_checkpoint
 from common.train import Checkpoint
 from ravdess import data as D
@@ -124,6 +125,22 @@ def test_parity_reversed_js_for_the_tag_distance_and_the_js_term(cfg):
     term = X.objective_for({**cfg, "kd": js, "parity": True}, 6, y, "js").terms["js"]
     assert term.variant == "reference"
     assert X.objective_for({**cfg, "kd": js}, 6, y, "js").terms["js"].variant == "textbook"
+
+
+@pytest.mark.parametrize("distance", ["mse", "ncjsd", "js"])
+def test_joint_step_agreement_term_per_distance(distance):
+    """Each tag.distance adds its own agreement term to CE + CE (js: the full-distribution JS); none adds nothing."""
+    torch.manual_seed(1)
+    zs, zt, y = torch.randn(5, 8), torch.randn(5, 8), torch.randint(0, 8, (5,))
+    teacher, student = torch.nn.Linear(2, 8), torch.nn.Linear(2, 8)
+    teacher.forward, student.forward = (lambda x: zt), (lambda x: zs)
+    batch = {"audio": torch.zeros(5, 2), "image": torch.zeros(5, 2), "label": y}
+    total, parts = T.joint_step(teacher, student, batch, distance, "textbook")
+    expected = {"mse": lambda: F.mse_loss(zt, zs), "ncjsd": lambda: nontarget_js(zs, zt, y, dim=1).mean(),
+                "js": lambda: full_js(zs, zt, dim=1).mean()}[distance]()
+    torch.testing.assert_close(parts[distance], expected)
+    torch.testing.assert_close(total, F.cross_entropy(zt, y) + F.cross_entropy(zs, y) + expected)
+    assert set(T.joint_step(teacher, student, batch, None, "textbook")[1]) == {"ce_audio", "ce_image"}
 
 
 def test_parity_rkd_without_the_added_kl(cfg):
