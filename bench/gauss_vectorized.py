@@ -1,10 +1,11 @@
 """Speed of the NTDH Gaussian sweep: vectorised (all runs × γ as one batched computation) vs a per-run Python loop.
 
 Both sides do the same work — for each (γ, run): a linear teacher on x1, a KD student on x2 (CE + KL, T = 0.7) and a
-no-KD baseline, 1000 full-batch SGD epochs each — on the same data and initial weights. The loop side is timed on
-`--loop-runs` runs per γ (a per-run loop over all 100 would take minutes) and the ratio is per trained model, so it
-is measured in one process run. Then the real default (100 runs × 6 γ) and, with --full-table, every method × mask
-are timed end to end.
+no-KD baseline, 1000 full-batch SGD epochs each — on the same data and initial weights, in this one process (the
+vectorised side with `workers: 1`, so the ratio compares the engines, not process start-up). The loop side is timed
+on `--loop-runs` runs per γ (a per-run loop over all 100 would take minutes) and the ratio is per trained model, so
+it is measured in one process run. Then the real default (100 runs × 6 γ) is timed in one process and with the
+config's worker processes, and, with --full-table, every method × mask.
 
     python bench/gauss_vectorized.py [--loop-runs 5] [--full-table]
 """
@@ -25,9 +26,10 @@ from gauss import experiment  # noqa: E402
 from gauss import main as gauss_main  # noqa: E402
 
 
-def default_cfg(runs: int, losses=None, masks=None) -> dict:
+def default_cfg(runs: int, losses=None, masks=None, workers: int | None = None) -> dict:
     args = gauss_main.parse_args(["--runs", str(runs)] + (["--losses", losses] if losses else [])
-                                 + (["--masks", masks] if masks else []))
+                                 + (["--masks", masks] if masks else [])
+                                 + (["--workers", str(workers)] if workers else []))
     cfg = gauss_main.resolve_config(args)
     cfg["progress"] = False
     return cfg
@@ -76,7 +78,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(2)
 
-    small = default_cfg(args.loop_runs)
+    small = default_cfg(args.loop_runs, workers=1)
     n_models = 3 * small["runs"] * len(small["data"]["overlaps"])
     t_loop = per_run_loop(small)
     t_vec_small = vectorised(small)
@@ -85,13 +87,17 @@ def main():
     print(f"  vectorised   : {t_vec_small:7.2f} s  ({1000 * t_vec_small / n_models:.1f} ms per model)")
     print(f"  ratio (loop / vectorised, same work): {t_loop / t_vec_small:.1f}x")
 
-    full = default_cfg(100)
+    full = default_cfg(100, workers=1)
     t_full = vectorised(full)
     n_full = 3 * 100 * len(full["data"]["overlaps"])
     loop_estimate = t_loop / n_models * n_full
-    print(f"default sweep (kl, 100 runs × 6 γ = {n_full} models): {t_full:.1f} s vectorised "
+    print(f"default sweep (kl, 100 runs × 6 γ = {n_full} models): {t_full:.1f} s vectorised in one process "
           f"(target ≤ 10 s); the per-run loop would need ≈ {loop_estimate:.0f} s at its measured rate "
           f"(ratio {loop_estimate / t_full:.0f}x)")
+    parallel = default_cfg(100)
+    t_parallel = vectorised(parallel)
+    print(f"the same with the config's workers: {parallel['workers']}: {t_parallel:.1f} s "
+          f"(one process / workers = {t_full / t_parallel:.2f}x, process start-up included)")
     if args.full_table:
         table = default_cfg(100, "all", "none,omega")
         t_table = vectorised(table)
