@@ -56,7 +56,7 @@ def parse_args(argv=None):
       help="joint training from scratch (else reuse the step-1 nets of tag.load_from / the newest run)")
     a("--place", type=int, help="intervention place 0-6 (5 = fc2, 128 channels)")
     a("--num-permute", "--num_permute", dest="num_permute", type=int, help="permutation repeats M")
-    a("--distance", help="step 1/2 distance: mse (MFH) | ncjsd (NTDH)")
+    a("--distance", help="step 1/2 distance: mse (MFH) | ncjsd (NTDH) | js (full-distribution JS)")
     a("--ratio", type=float, help="fraction of the channels removed")
     a("--mode", type=int, help="-1 none, 0 random, 1 least salient removed, 2 most salient removed")
     a("--fill", help="removal fill: mean (MFH) | zero (NTDH)")
