@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from common.divergence import full_js, nontarget_js
 from common.run import RunDir
+from common.saliency import agreement
 from common.train import Checkpoint, EpochLog, Selector, check_finite, due, loader_generator
 from ravdess import data as D
 
@@ -127,14 +127,8 @@ def joint_step(teacher: nn.Module, student: nn.Module, batch: dict, distance: st
     """CE(audio) + CE(image) + d(audio logits, image logits) averaged over the batch; distance None: no d."""
     out_a, out_b, y = teacher(batch["audio"]), student(batch["image"]), batch["label"]
     parts = {"ce_audio": F.cross_entropy(out_a, y), "ce_image": F.cross_entropy(out_b, y)}
-    if distance == "mse":
-        parts["mse"] = F.mse_loss(out_a, out_b)
-    elif distance == "ncjsd":
-        parts["ncjsd"] = nontarget_js(out_b, out_a, y, variant, dim=1).mean()
-    elif distance == "js":
-        parts["js"] = full_js(out_b, out_a, variant, dim=1).mean()
-    elif distance is not None:
-        raise ValueError(f"tag.distance must be mse, ncjsd or js, got {distance!r}")
+    if distance is not None:
+        parts[distance] = agreement(out_a, out_b, y, distance, variant, class_dim=1)
     return sum(parts.values()), parts
 
 

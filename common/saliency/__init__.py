@@ -24,15 +24,15 @@ interventions (zero, mean) are evaluated once rather than M identical times.
 
 Modules: hooks (places, hooks, interventions, remove_channels), copies (the intervened copies of step 2), rank1 (the
 rank-1 path of step 2 and when it is exact), distances, vector (step 2, saliency_vector), removal (step 3,
-removal_indices), joint (step 1, joint_train).
+removal_indices), joint (step 1, joint_train and its agreement term).
 """
 from common.saliency.distances import DISTANCES, Distance, minmax_normalize
 from common.saliency.hooks import (INTERVENTIONS, REMOVAL_FILLS, Intervention, channel_count, intervene,
                                    remove_channels, resolve_place)
-from common.saliency.joint import joint_train
+from common.saliency.joint import agreement, joint_train
 from common.saliency.removal import REMOVAL_MODES, removal_indices
 from common.saliency.vector import check_saliency_args, saliency_vector
 
-__all__ = ["DISTANCES", "Distance", "INTERVENTIONS", "Intervention", "REMOVAL_FILLS", "REMOVAL_MODES", "channel_count",
-           "check_saliency_args", "intervene", "joint_train", "minmax_normalize", "remove_channels", "removal_indices",
-           "resolve_place", "saliency_vector"]
+__all__ = ["DISTANCES", "Distance", "INTERVENTIONS", "Intervention", "REMOVAL_FILLS", "REMOVAL_MODES", "agreement",
+           "channel_count", "check_saliency_args", "intervene", "joint_train", "minmax_normalize", "remove_channels",
+           "removal_indices", "resolve_place", "saliency_vector"]

@@ -41,18 +41,15 @@ class _FixedStudent:
                  class_dim: int):
         self.h, self.y, self.distance, self.variant = h_s, y, distance, variant
         self.batch_dim, self.class_dim = batch_dim, class_dim
-        if distance == "ncjsd":
-            labels = y.expand(_without(h_s.shape, class_dim))
-            index = _nontarget_index(labels, h_s.shape[class_dim], class_dim)
-            self.log_s = h_s.gather(class_dim, index).log_softmax(class_dim).unsqueeze(batch_dim)
+        if distance in ("ncjsd", "js"):
+            logits, self.index = h_s, None            # js: every class takes part
+            if distance == "ncjsd":
+                labels = y.expand(_without(h_s.shape, class_dim))
+                index = _nontarget_index(labels, h_s.shape[class_dim], class_dim)
+                logits, self.index = h_s.gather(class_dim, index), index.unsqueeze(batch_dim)  # over the copy axis
+            self.log_s = logits.log_softmax(class_dim).unsqueeze(batch_dim)
             self.p_s = self.log_s.exp()
             self.plogp_s = self.p_s * self.log_s
-            self.index = index.unsqueeze(batch_dim)   # broadcast over the copy axis
-        elif distance == "js":
-            self.log_s = h_s.log_softmax(class_dim).unsqueeze(batch_dim)
-            self.p_s = self.log_s.exp()
-            self.plogp_s = self.p_s * self.log_s
-            self.index = None                         # every class takes part
 
     def distances(self, h_t: torch.Tensor) -> torch.Tensor:
         """Distance of each intervened copy to the student, averaged over samples (and classes / positions).

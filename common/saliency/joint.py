@@ -15,11 +15,13 @@ from common.train import check_finite
 from common.saliency.distances import Distance, _check_distance, _without
 
 
-def _agreement(out_a: torch.Tensor, out_b: torch.Tensor, y: torch.Tensor, distance: Distance, variant: str,
-               class_dim: int = -1) -> torch.Tensor:
-    """d(out_a, out_b) averaged over samples (and classes for mse / l1); the class axis of the outputs is class_dim."""
+def agreement(out_a: torch.Tensor, out_b: torch.Tensor, y: torch.Tensor, distance: Distance, variant: str,
+              class_dim: int = -1) -> torch.Tensor:
+    """Step 1's agreement term d(out_a, out_b), averaged over samples (and classes for mse / l1); the class axis of
+    the outputs is class_dim. A distance outside DISTANCES (and not a callable) is a ValueError."""
     if callable(distance):
         return distance(out_a, out_b, y).mean()
+    _check_distance(distance)
     if distance == "mse":
         return F.mse_loss(out_a, out_b)
     if distance == "l1":
@@ -76,7 +78,7 @@ def joint_train(model_a: nn.Module, model_b: nn.Module, batches_fn: Callable[[],
                 loss = loss_fn(out_a, out_b, y)
             else:
                 loss = (_cross_entropy(out_a, y, class_dim) + _cross_entropy(out_b, y, class_dim)
-                        + _agreement(out_a, out_b, y, distance, variant, class_dim))
+                        + agreement(out_a, out_b, y, distance, variant, class_dim))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -407,13 +407,15 @@ def test_joint_train_reduces_loss(distance):
 
 @pytest.mark.parametrize("variant", ["textbook", "reference"])
 def test_joint_train_ncjsd_matches_divergence_and_has_finite_gradients(variant):
-    from common.saliency.joint import _agreement
+    from common.saliency.joint import agreement
     g = _gen(7)
     a, b = torch.randn(9, 5, generator=g, requires_grad=True), torch.randn(9, 5, generator=g, requires_grad=True)
     y = torch.randint(0, 5, (9,), generator=g)
-    d = _agreement(a, b, y, "ncjsd", variant)
+    d = agreement(a, b, y, "ncjsd", variant)
     torch.testing.assert_close(d, nontarget_js(b, a, y, variant).mean())
-    torch.testing.assert_close(_agreement(a, b, y, "js", variant), full_js(b, a, variant).mean())
+    torch.testing.assert_close(agreement(a, b, y, "js", variant), full_js(b, a, variant).mean())
+    with pytest.raises(ValueError, match="distance must be one of"):
+        agreement(a, b, y, "nc_jsd", variant)   # a misspelt distance is refused, not taken for ncjsd
     d.backward()
     assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all() and a.grad.abs().sum() > 0
 
@@ -449,13 +451,13 @@ def test_joint_train_default_loss_on_feature_major_runs(distance):
 @pytest.mark.parametrize("distance", ["mse", "ncjsd"])
 def test_joint_train_default_loss_class_dim_matches_class_last(distance):
     """The default loss on (R, C, N) with class_dim=1 is the default loss on the same logits laid out (R, N, C)."""
-    from common.saliency.joint import _agreement, _cross_entropy
+    from common.saliency.joint import agreement, _cross_entropy
     g = _gen(8)
     a, b = (torch.randn(2, 5, 9, generator=g, dtype=torch.float64) for _ in range(2))
     y = torch.randint(0, 5, (2, 9), generator=g)
-    feature_major = _cross_entropy(a, y, 1) + _agreement(a, b, y, distance, "textbook", 1)
+    feature_major = _cross_entropy(a, y, 1) + agreement(a, b, y, distance, "textbook", 1)
     class_last = (_cross_entropy(a.transpose(1, 2), y)
-                  + _agreement(a.transpose(1, 2), b.transpose(1, 2), y, distance, "textbook"))
+                  + agreement(a.transpose(1, 2), b.transpose(1, 2), y, distance, "textbook"))
     torch.testing.assert_close(feature_major, class_last)
 
 
