@@ -194,3 +194,17 @@ def test_every_registry_loss_and_method_builds_and_backpropagates(mask):
         total.backward()
         assert torch.isfinite(total) and zs.grad.abs().sum() > 0, name
         assert set(parts) == set(lc["terms"]), name
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "mnist" / "configs").glob("*.yaml")))
+def test_shipped_configs_resolve(name):
+    """Every config in mnist/configs passes the config checks; the real-MNIST ones keep the reference's model,
+    optimiser and removal, and the full one the reference's sizes (all digits, 50 + 50 epochs, all batches)."""
+    cfg, actions = M.resolve_config(M.parse_args(["--config", str(ROOT / "mnist" / "configs" / name)]))
+    assert actions == ["cal_tag", "eval_tag"]
+    if name.startswith("real_"):
+        assert cfg["model"]["hidden"] == [1024, 256] and cfg["train"]["lr"] == 0.001
+        assert cfg["eval"]["modes"] == [0, 1, 2] and cfg["eval"]["ratio"] == 0.75 and cfg["train"]["num_runs"] == 3
+    if name == "real_full.yaml":
+        assert cfg["data"]["max_train"] == 0 and cfg["cal"]["max_batches"] == 0
+        assert cfg["train"]["epochs"] == 50 and cfg["cal"]["epochs"] == 50
