@@ -3,6 +3,7 @@ network on CE + CE + agreement."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from common.divergence import full_js, nontarget_js
-from common.train import check_finite
+from common.train import Checkpoint, check_finite, due
 from common.saliency.distances import Distance, _check_distance, _without
 
 
@@ -46,7 +47,8 @@ def _cross_entropy(logits: torch.Tensor, y: torch.Tensor, class_dim: int = -1) -
 
 def joint_train(model_a: nn.Module, model_b: nn.Module, batches_fn: Callable[[], Iterable], *, epochs: int, lr: float,
                 momentum: float = 0.9, distance: Distance = "mse", variant: str = "textbook", device=None,
-                progress: bool = False, loss_fn=None, class_dim: int = -1) -> list[float]:
+                progress: bool = False, loss_fn=None, class_dim: int = -1, checkpoint: str | Path | None = None,
+                checkpoint_every: int = 1, state: dict | None = None, resume: bool = False) -> list[float]:
     """Alg. 1 step 1: one SGD over both nets on CE(a) + CE(b) + d(a, b); returns the mean loss of each epoch.
 
     batches_fn() gives one epoch of (x_a, x_b, y). d is MSE on logits (MFH) or the non-target JS "ncjsd" (NTDH).
@@ -55,6 +57,10 @@ def joint_train(model_a: nn.Module, model_b: nn.Module, batches_fn: Callable[[],
     included, so each run's gradient is its own loss's gradient divided by R.
     loss_fn(out_a, out_b, y), when given, replaces the whole default loss (e.g. run-summed losses of the vectorised
     synthetic models). Both models are moved to `device` when given, and left in eval mode afterwards.
+    checkpoint: a training-state file (common.train.Checkpoint: both models, the optimiser, the RNGs, the objects
+    in `state` such as the loader's shuffle and noise generators, and the loss history), written every
+    `checkpoint_every` epochs (0: never); with `resume` and the file present, training continues after its epoch
+    and gives what the uninterrupted run would have given.
     """
     if loss_fn is None:
         _check_distance(distance)
@@ -64,11 +70,15 @@ def joint_train(model_a: nn.Module, model_b: nn.Module, batches_fn: Callable[[],
     # One optimiser over both parameter sets; a parameter shared by the two models is stepped once.
     params = list({id(p): p for p in itertools.chain(model_a.parameters(), model_b.parameters())}.values())
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    history: list[float] = []
+    ckpt = None if checkpoint is None else Checkpoint(checkpoint, model_a=model_a, model_b=model_b,
+                                                      optimizer=optimizer, **(state or {}))
+    if ckpt is not None and resume and ckpt.exists():
+        history = list(ckpt.load()["history"])
     model_a.train()
     model_b.train()
-    history: list[float] = []
-    bar = tqdm(range(epochs), desc="joint training", disable=not progress, leave=False)
-    for _ in bar:
+    bar = tqdm(range(len(history), epochs), desc="joint training", disable=not progress, leave=False)
+    for epoch in bar:
         losses = []
         for x_a, x_b, y in batches_fn():
             if device is not None:
@@ -88,6 +98,8 @@ def joint_train(model_a: nn.Module, model_b: nn.Module, batches_fn: Callable[[],
             raise ValueError("batches_fn() yielded no batches")
         history.append(sum(losses) / len(losses))
         bar.set_postfix(loss=f"{history[-1]:.4f}")
+        if ckpt is not None and (due(epoch + 1, checkpoint_every) or epoch + 1 == epochs):
+            ckpt.save(epoch=epoch + 1, history=history)
     model_a.eval()
     model_b.eval()
     return history

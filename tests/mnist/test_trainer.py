@@ -123,3 +123,36 @@ def test_standin_runs_say_smoke_test_only(tmp_path):
     rd, results = M.run(cfg, actions, args.out, "cpu")
     assert json.loads((rd.path / "summary.json").read_text())["data_note"] == "stand-in: smoke test only"
     assert "smoke test only" in (rd.path / "log" / "console.log").read_text()
+
+
+def test_interrupted_joint_training_resumes_to_the_same_result(dataset, tmp_path, monkeypatch):
+    """Algorithm 1's step 1 keeps its own training state (both nets, the optimiser, the shuffle and noise
+    generators, the RNGs, the loss history) every epoch: a run killed mid-way through it resumes to the same
+    joint loss history, saliency and students as the uninterrupted run."""
+    import common.saliency.joint as J
+    joint = ["--set", "cal.epochs=3"]
+    _, _, whole = run(dataset, tmp_path / "a", *RUN, *joint)
+    real, calls = J.agreement, {"n": 0}
+
+    def agreement(*args, **kwargs):   # 4 steps an epoch: dies at epoch 2, step 3
+        calls["n"] += 1
+        if calls["n"] == 4 + 3:
+            raise KeyboardInterrupt()
+        return real(*args, **kwargs)
+    monkeypatch.setattr(J, "agreement", agreement)
+    with pytest.raises(KeyboardInterrupt):
+        M.main(_args(dataset, tmp_path / "b", *joint))
+    monkeypatch.undo()
+    (rd,) = (tmp_path / "b").glob("mnist_*")
+    state = torch.load(rd / "checkpoint" / "joint_state.pth", weights_only=False)
+    assert state["epoch"] == 1 and len(state["extra"]["history"]) == 1
+    assert not (rd / "checkpoint" / "teacher_overlap.pth").exists()
+    calls["n"] = -10 ** 6   # counts, never raises
+    monkeypatch.setattr(J, "agreement", agreement)
+    M.main(_args(dataset, tmp_path / "b", *joint, "--resume"))
+    assert calls["n"] == -10 ** 6 + 2 * 4   # only epochs 2 and 3 were trained again
+    assert "joint training: resuming after epoch 1 of 3" in (rd / "log" / "console.log").read_text()
+    resumed = json.loads((rd / "summary.json").read_text())
+    assert resumed["cal_tag"]["history"] == whole["cal_tag"]["history"] and len(whole["cal_tag"]["history"]) == 3
+    assert resumed["cal_tag"]["teacher_acc"] == whole["cal_tag"]["teacher_acc"]
+    assert _fit_numbers(resumed) == _fit_numbers(whole)
