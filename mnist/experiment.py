@@ -16,7 +16,6 @@ import torch
 from common import plots
 from common import saliency as alg1
 from common.config import DataError, atomic_write, load_yaml
-from common.run import load_checkpoint
 from common.train import holdout_split
 from mnist import data as D
 from mnist.losses import build_kd_objective
@@ -169,15 +168,12 @@ def _joint_nets(s: Setup, rd) -> tuple[MLP, MLP, Path, Path, list]:
         variant = "reference" if cfg["parity"] else cc["js_variant"]
         teacher, student = new_mlp(cfg, s.teacher_dim).to(s.device), new_mlp(cfg, s.student_dim).to(s.device)
         started = time.perf_counter()
-        if s.ctx.resume and (ckpt / JOINT_STATE).is_file():
-            done = load_checkpoint(ckpt / JOINT_STATE, map_location="cpu")["epoch"]
-            s.log(f"joint training: resuming after epoch {done} of {cc['epochs']}")
         history = alg1.joint_train(teacher, student, lambda: _prepared(s, s.loaders["train"]), epochs=cc["epochs"],
                                    lr=cc["lr"], momentum=cc["momentum"], distance=cc["distance"], variant=variant,
                                    device=s.device, progress=cfg["progress"], checkpoint=ckpt / JOINT_STATE,
                                    checkpoint_every=cfg["checkpoint_every"], resume=s.ctx.resume,
                                    state={"train_shuffle": s.loaders["train"].generator,
-                                          "noise": s.prepare.generator})
+                                          "noise": s.prepare.generator}, log=s.log)
         for epoch, loss in enumerate(history, 1):
             rd.scalar("joint/loss", loss, epoch)
         s.log(f"joint training: {cc['epochs']} epochs in {time.perf_counter() - started:.1f} s, loss "

@@ -48,7 +48,8 @@ def _cross_entropy(logits: torch.Tensor, y: torch.Tensor, class_dim: int = -1) -
 def joint_train(model_a: nn.Module, model_b: nn.Module, batches_fn: Callable[[], Iterable], *, epochs: int, lr: float,
                 momentum: float = 0.9, distance: Distance = "mse", variant: str = "textbook", device=None,
                 progress: bool = False, loss_fn=None, class_dim: int = -1, checkpoint: str | Path | None = None,
-                checkpoint_every: int = 1, state: dict | None = None, resume: bool = False) -> list[float]:
+                checkpoint_every: int = 1, state: dict | None = None, resume: bool = False,
+                log: Callable[[str], None] | None = None) -> list[float]:
     """Alg. 1 step 1: one SGD over both nets on CE(a) + CE(b) + d(a, b); returns the mean loss of each epoch.
 
     batches_fn() gives one epoch of (x_a, x_b, y). d is MSE on logits (MFH) or the non-target JS "ncjsd" (NTDH).
@@ -60,7 +61,7 @@ def joint_train(model_a: nn.Module, model_b: nn.Module, batches_fn: Callable[[],
     checkpoint: a training-state file (common.train.Checkpoint: both models, the optimiser, the RNGs, the objects
     in `state` such as the loader's shuffle and noise generators, and the loss history), written every
     `checkpoint_every` epochs (0: never); with `resume` and the file present, training continues after its epoch
-    and gives what the uninterrupted run would have given.
+    and gives what the uninterrupted run would have given (said through `log` when given).
     """
     if loss_fn is None:
         _check_distance(distance)
@@ -75,6 +76,8 @@ def joint_train(model_a: nn.Module, model_b: nn.Module, batches_fn: Callable[[],
                                                       optimizer=optimizer, **(state or {}))
     if ckpt is not None and resume and ckpt.exists():
         history = list(ckpt.load()["history"])
+        if log is not None:
+            log(f"joint training: resuming after epoch {len(history)} of {epochs}")
     model_a.train()
     model_b.train()
     bar = tqdm(range(len(history), epochs), desc="joint training", disable=not progress, leave=False)
