@@ -126,7 +126,25 @@ def summarize(block: dict, log=print) -> dict:
     keep = ("delta", "kd_acc", DIVERGENCE, f"{DIVERGENCE}_kept", "omega_kept_share")
     out["per_run"] = {k: {n: v[n] for n in keep} for k, v in out["per_run"].items()}
     out["logits"] = block["logits"]
+    out["teacher_acc"], out["no_kd_acc"] = block["teacher_acc"], block["no_kd_acc"]
     return out
+
+
+def run_rows(results: dict, first_seed: int) -> list[dict]:
+    """One row per (loss, mask, setting, run) -- `runs.csv`: the per-run numbers behind every summary row, with the
+    data seed of the run (the reference's `run_mm(seed + i, ...)`), so a run can be compared one to one with another
+    implementation's (gauss/compare_reference.py)."""
+    rows = []
+    for key, res in results["per_run"].items():
+        method, mask = key.split("/")
+        for s, setting in enumerate(results["settings"]):
+            for r in range(res["kd_acc"].shape[1]):
+                rows.append({"loss": method, "mask": mask, **setting, "run": r, "seed": first_seed + r,
+                             "teacher_acc": results["teacher_acc"][s, r], "no_kd_acc": results["no_kd_acc"][s, r],
+                             "kd_acc": res["kd_acc"][s, r], "delta": res["delta"][s, r],
+                             DIVERGENCE: res[DIVERGENCE][s, r], f"{DIVERGENCE}_kept": res[f"{DIVERGENCE}_kept"][s, r],
+                             "omega_kept_share": res["omega_kept_share"][s, r]})
+    return rows
 
 
 def input_cmd(split: data.Split, moments: int, sweep: Sweep) -> np.ndarray:

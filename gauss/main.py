@@ -98,6 +98,7 @@ def _run(cfg: dict, rd: RunDir, dev: torch.device, trainer: str) -> dict:
     else:
         results = experiment.run_sweep(cfg, dev, log=rd.log)
         rd.write_csv("summary.csv", results["rows"], experiment.csv_columns(generator))
+        rd.write_csv("runs.csv", experiment.run_rows(results, cfg["seed"]))
         plots = figures.plot(results, rd.path)
         extra = {"divergence": results["divergence"], "correlations": results["correlations"],
                  "error_distribution": results["error_distribution"]}

@@ -36,6 +36,15 @@ def test_end_to_end_every_method_and_mask(tmp_path):
     assert list(rows[0]) == experiment.CSV_COLUMNS and len(rows) == 7 * 2 * 2  # methods × masks × γ
     for r in rows:
         assert 0 <= float(r["kd_acc"]) <= 1 and np.isfinite(float(r["delta_mean"]))
+    with open(run_dir.path / "runs.csv") as f:  # the per-run numbers behind each row, with the run's data seed
+        runs = list(csv.DictReader(f))
+    assert len(runs) == len(rows) * 2 and {r["seed"] for r in runs} == {"0", "1"}
+    for row in rows:
+        mine = [r for r in runs if (r["loss"], r["mask"], r["overlap_dim"]) == (row["loss"], row["mask"],
+                                                                                row["overlap_dim"])]
+        for col in ("kd_acc", "no_kd_acc", "teacher_acc"):
+            assert np.mean([float(r[col]) for r in mine]) == pytest.approx(float(row[col]))
+        assert np.mean([float(r["delta"]) for r in mine]) == pytest.approx(float(row["delta_mean"]), abs=1e-5)
     summary = json.loads((run_dir.path / "summary.json").read_text())
     assert set(summary["correlations"]) == {f"{m}/{k}" for m in ["kl", "dkd", "fitnet", "rkd", "pkt", "sp", "crd"]
                                             for k in ["none", "omega"]}

@@ -1,0 +1,89 @@
+"""gauss/compare_reference.py: run-by-run comparison of a sweep with another implementation's per-run CSV."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from common.config import DataError
+from gauss import compare_reference as cr
+
+
+def _ours(tmp_path, runs=8, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for loss, mask in [("kl", "none"), ("kl", "omega")]:
+        for ov, gamma in [(0, 0.0), (10, 1.0)]:
+            for r in range(runs):
+                t, b = rng.integers(600, 800) / 1000, rng.integers(700, 800) / 1000
+                rows.append({"loss": loss, "mask": mask, "gamma": gamma, "overlap_dim": ov, "run": r, "seed": r,
+                             "teacher_acc": t, "no_kd_acc": b, "kd_acc": b + rng.integers(-40, 20) / 1000})
+    df = pd.DataFrame(rows)
+    df.to_csv(tmp_path / "runs.csv", index=False)
+    return df
+
+
+def _as_reference(ours: pd.DataFrame) -> pd.DataFrame:
+    """Our rows in the reference's naming (mode, run) -- the layout of a per-run dump of its run_mm."""
+    names = {v: k for k, v in cr.REFERENCE_MODES.items()}
+    ref = ours.copy()
+    ref.insert(0, "mode", [names[(lo, m)] for lo, m in zip(ref["loss"], ref["mask"])])
+    return ref.drop(columns=["loss", "mask", "gamma", "seed"])
+
+
+def test_identical_runs_pass_with_every_run_counted_as_identical(tmp_path, capsys):
+    ours = _ours(tmp_path)
+    ref = _as_reference(ours)
+    ref["kd_acc"] += 1e-7  # float32 rounding of the same count is still the same run
+    ref.to_csv(tmp_path / "ref.csv", index=False)
+    assert cr.main([str(tmp_path / "ref.csv"), str(tmp_path)]) == 0
+    out = pd.read_csv(tmp_path / "reference_comparison.csv")
+    assert len(out) == 4 and out["pass"].all()
+    assert (out["identical_runs"] == 8).all() and (out["diff_mean"] == 0).all()
+    assert "4 of 4 rows within 2.5 standard errors" in capsys.readouterr().out
+
+
+def test_paired_difference_z_is_mean_over_standard_error(tmp_path):
+    ours = _ours(tmp_path)
+    ref = _as_reference(ours)
+    offsets = np.tile([0.003, 0.002, 0.004, 0.0, 0.002, 0.003, 0.004, 0.003], 4)  # points: ×100
+    ref["kd_acc"] = ref["kd_acc"] - offsets  # ours − ref = offsets (in fractions)
+    rows = cr.compare(cr.load_reference_frame(ref), ours)
+    d = offsets[:8] * 100
+    z = d.mean() / (d.std(ddof=1) / np.sqrt(8))
+    for r in rows:
+        assert r["diff_mean"] == pytest.approx(d.mean()) and r["z"] == pytest.approx(z)
+        assert r["identical_runs"] == 1 and r["pass"] == (abs(z) <= 2.5)
+    assert abs(z) > 2.5  # this constructed shift is a real one: every row fails
+    assert not any(r["pass"] for r in rows)
+
+
+def test_a_shift_fails_and_exits_1(tmp_path):
+    ours = _ours(tmp_path)
+    ref = _as_reference(ours)
+    ref.loc[ref["mode"] == "KD_KL_PSSM", "kd_acc"] -= 0.02  # one method two points off in every run
+    ref.to_csv(tmp_path / "ref.csv", index=False)
+    assert cr.main([str(tmp_path / "ref.csv"), str(tmp_path)]) == 1
+    out = pd.read_csv(tmp_path / "reference_comparison.csv")
+    assert out.loc[out["mask"] == "none", "pass"].all() and not out.loc[out["mask"] == "omega", "pass"].any()
+
+
+def test_runs_missing_on_our_side_are_reported_not_invented(tmp_path):
+    ours = _ours(tmp_path, runs=3)
+    ref = _as_reference(ours)
+    extra = ref[ref["run"] == 0].assign(run=7)  # a seed our sweep does not have
+    rows = cr.compare(cr.load_reference_frame(pd.concat([ref, extra])), ours)
+    assert all(r["runs"] == 3 for r in rows)  # only the runs both have are compared
+
+
+def test_bad_reference_files_are_one_line_errors_naming_file_and_column(tmp_path):
+    _ours(tmp_path)
+    bad = tmp_path / "ref.csv"
+    pd.DataFrame({"mode": ["KD_KL"], "overlap_dim": [0], "run": [0], "teacher_acc": [0.7]}).to_csv(bad, index=False)
+    with pytest.raises(DataError, match=r"ref\.csv: missing column\(s\) kd_acc, no_kd_acc"):
+        cr.main([str(bad), str(tmp_path)])
+    pd.DataFrame({"mode": ["KL"], "overlap_dim": [0], "run": [0], "teacher_acc": [0.7], "no_kd_acc": [0.7],
+                  "kd_acc": [0.7]}).to_csv(bad, index=False)
+    with pytest.raises(DataError, match=r"ref\.csv: unknown mode\(s\) KL; expected one of KD_KL"):
+        cr.main([str(bad), str(tmp_path)])
+    _as_reference(_ours(tmp_path)).to_csv(bad, index=False)
+    with pytest.raises(DataError, match=r"nowhere/runs\.csv: not found; expected the runs.csv of a gauss"):
+        cr.main([str(bad), str(tmp_path / "nowhere")])
