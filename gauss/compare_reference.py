@@ -1,9 +1,9 @@
 """Compare a gauss sweep with per-run results of another implementation -- typically the NTDH repository's own
 gauss/main.py -- run by run (same data seed) and per setting.
 
-    python gauss/compare_reference.py REFERENCE.csv RUN_DIR [--tolerance 2.5]
+    python gauss/compare_reference.py REFERENCE.csv [REFERENCE.csv ...] RUN_DIR [--tolerance 2.5]
 
-REFERENCE.csv holds one row per (method, overlap, run): `mode` (the reference's names: KD_KL, KD_KL_PSSM, dkd,
+Each REFERENCE.csv holds one row per (method, overlap, run): `mode` (the reference's names: KD_KL, KD_KL_PSSM, dkd,
 dkd_PSSM, hint, rkd, pkt, similarity, crd) or `loss` + `mask` (ours); `overlap_dim`; `seed` (the data seed of
 `run_mm(seed, ...)`) or `run` (then seed = --reference-seed + run, the reference's `exp(seed=0)`); and the
 accuracies `teacher_acc`, `no_kd_acc`, `kd_acc` as fractions. RUN_DIR is a gauss γ-sweep run directory (its
@@ -140,13 +140,14 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("reference", type=Path, help="per-run CSV of the other implementation")
+    p.add_argument("reference", type=Path, nargs="+", help="per-run CSV(s) of the other implementation")
     p.add_argument("run_dir", type=Path, help="a gauss γ-sweep run directory (holds runs.csv)")
     p.add_argument("--tolerance", type=float, default=2.5, help="largest |z| that passes (default 2.5)")
     p.add_argument("--reference-seed", type=int, default=0,
                    help="seed of the reference's exp(seed=...) when REFERENCE.csv has run, not seed (default 0)")
     args = p.parse_args(argv)
-    rows = compare(load_reference(args.reference, args.reference_seed), load_ours(args.run_dir), args.tolerance)
+    ref = pd.concat([load_reference(path, args.reference_seed) for path in args.reference], ignore_index=True)
+    rows = compare(ref, load_ours(args.run_dir), args.tolerance)
     out = args.run_dir / "reference_comparison.csv"
     pd.DataFrame(rows, columns=COLUMNS).to_csv(out, index=False)
     print(markdown(rows))
