@@ -92,21 +92,25 @@ def check_config(cfg: dict) -> None:
 PARITY_OPTIONS = {"fitnet": {"trainable": False}, "crd": {"train_embeddings": False}}
 
 
-def parity_methods(kd: dict, method: str) -> dict:
-    """kd with the terms of `method` given PARITY_OPTIONS (a copy; kd itself is not changed)."""
+def parity_methods(kd: dict, method: str, extra: dict | None = None) -> dict:
+    """kd with the terms of `method` given PARITY_OPTIONS and an experiment's `extra` parity options (same layout,
+    by loss name; a copy, kd itself is not changed)."""
     terms = {}
     for term, options in kd["methods"][method].items():
         options = dict(options or {})
-        terms[term] = {**options, **PARITY_OPTIONS.get(options.get("loss", term), {})}
+        name = options.get("loss", term)
+        terms[term] = {**options, **PARITY_OPTIONS.get(name, {}), **(extra or {}).get(name, {})}
     return {**kd, "methods": {**kd["methods"], method: terms}}
 
 
-def objective_for(cfg: dict, method: str, mask: str, train_y: torch.Tensor, n_classes: int):
+def objective_for(cfg: dict, method: str, mask: str, train_y: torch.Tensor, n_classes: int,
+                  parity_extra: dict | None = None):
     """The Objective of one (method, mask) for every group of a sweep, with what only the sweep knows (its sizes and
-    training labels (G, N)); under parity ω not detached and PARITY_OPTIONS (the reference's behaviour)."""
+    training labels (G, N)); under parity ω not detached, PARITY_OPTIONS and `parity_extra` (the reference's
+    behaviour)."""
     context = {"student_dim": n_classes, "teacher_dim": n_classes, "n_data": train_y.shape[1],
                "dataset_labels": train_y}
-    kd = parity_methods(cfg["kd"], method) if cfg["parity"] else cfg["kd"]
+    kd = parity_methods(cfg["kd"], method, parity_extra) if cfg["parity"] else cfg["kd"]
     return dispatch.objective(kd, method, mask, detach_omega=not cfg["parity"], runs=train_y.shape[0],
                               context=context)
 

@@ -73,3 +73,18 @@ def test_reference_torch_construction_order():
     run1 = trainer.reference_stream(cfg["seed"] + 1 + 1, 25, 25, 2)[trainer.BASELINE]
     for g in (1, 3):   # run 1 at both γ
         assert torch.equal(model.weight[g], run1[0]) and torch.equal(model.bias[g, :, 0], run1[1])
+
+
+def test_parity_gives_pkt_and_sp_every_training_sample():
+    """gauss under parity: pkt and sp on the full batch, as the reference's PKT / Similarity (their 32-row surrogates
+    are biased against it); rkd and crd keep their samplers; without parity the configured surrogates."""
+    from gauss import trainer
+
+    cfg = small_cfg(runs=2, parity=True, **{"data.overlaps": [0]})
+    y = torch.randint(0, 2, (2, 200), generator=torch.Generator().manual_seed(1))
+    for method, term in (("pkt", "pkt"), ("sp", "sp")):
+        on = sweep.objective_for(cfg, method, "none", y, 2, trainer.PARITY_EXACT)
+        off = sweep.objective_for({**cfg, "parity": False}, method, "none", y, 2, trainer.PARITY_EXACT)
+        assert on.terms[term].sample_rows is None and off.terms[term].sample_rows == 32, method
+    rkd = sweep.objective_for(cfg, "rkd", "none", y, 2, trainer.PARITY_EXACT).terms["rkd"]
+    assert (rkd.pairs, rkd.triplets) == (256, 256)
