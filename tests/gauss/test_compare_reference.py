@@ -88,3 +88,23 @@ def test_bad_reference_files_are_one_line_errors_naming_file_and_column(tmp_path
     _as_reference(_ours(tmp_path)).to_csv(bad, index=False)
     with pytest.raises(DataError, match=r"nowhere/runs\.csv: not found; expected the runs.csv of a gauss"):
         cr.main([str(bad), str(tmp_path / "nowhere")])
+
+
+def test_parity_reproduces_the_reference_codes_own_runs():
+    """gauss/reference_runs.csv holds per-run results of the NTDH repository's own gauss/main.py (run_mm, seeds 0-9;
+    README "Checked against the reference code"). Under --parity, kl and dkd with and without ω give the same
+    teacher, no-KD and KD accuracy as the reference in every run: same data, same initial weights, same training."""
+    import torch
+
+    from gauss import experiment
+    from tests.gauss.test_gauss import small_cfg
+
+    cfg = small_cfg(runs=2, parity=True, **{"kd.losses": ["kl", "dkd"], "kd.masks": ["none", "omega"]})
+    results = experiment.run_sweep(cfg, torch.device("cpu"), log=lambda *_: None)
+    ours = pd.DataFrame(experiment.run_rows(results, cfg["seed"]))
+    ref = cr.load_reference(cr.HERE / "reference_runs.csv")
+    ref = ref[ref["mode"].isin(["KD_KL", "KD_KL_PSSM", "dkd", "dkd_PSSM"])]
+    rows = cr.compare(ref, ours)
+    assert len(rows) == 4 * 6
+    for r in rows:
+        assert r["runs"] == 2 and r["identical_runs"] == 2 and r["diff_mean"] == 0, r
