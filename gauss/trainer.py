@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from common.kd.crd import CRDistill
 from common.run import derived_seed
 from common.synthetic import dispatch
 from common.synthetic import sweep as sweep_protocol
@@ -25,11 +26,13 @@ def init_seeds(cfg: dict, sweep, role: int) -> list[int]:
 
 
 def reference_stream(seed: int, teacher_in: int, student_in: int, classes: int, crd_feat: int = 8,
-                     crd_n_data: int = 200) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+                     crd_n_data: int = 200) -> dict:
     """The initial (weight, bias) of teacher, KD student and no-KD baseline as NTDH gauss/main.py draws them from one
     torch stream: `seed(seed_num + 1)` before the test set, then `run_mm` builds the teacher LinearClassifier, the
-    student (`train_kd`), CRDLoss — always constructed, whatever the mode: its two Embed Linear(2, feat_dim) layers
-    and the two ContrastMemory banks torch.rand(n_data, feat_dim) — and the baseline, in that order. Keyed by role.
+    student (`train_kd`), CRDLoss — always constructed, whatever the mode: its two Embed Linear(C, feat_dim) layers
+    and the two ContrastMemory banks torch.rand(n_data, feat_dim) scaled to U[−s, s], s = 1/√(feat_dim/3) — and the
+    baseline, in that order. Keyed by role; CRD's under "crd": embed_s, embed_t ((weight, bias) each), memory_s (the
+    bank of student embeddings, the reference's memory_v1) and memory_t (memory_v2), (n_data, feat_dim) each.
     nn.Linear's init is U(−1/√in, 1/√in) for weight, then bias."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -39,9 +42,34 @@ def reference_stream(seed: int, teacher_in: int, student_in: int, classes: int, 
         return w, torch.empty(out).uniform_(-bound, bound, generator=gen)
 
     teacher, student = linear(teacher_in, classes), linear(student_in, classes)
-    linear(classes, crd_feat), linear(classes, crd_feat)                        # CRD embed_s, embed_t
-    torch.rand(crd_n_data, crd_feat, generator=gen), torch.rand(crd_n_data, crd_feat, generator=gen)  # memory banks
-    return {TEACHER: teacher, STUDENT: student, BASELINE: linear(student_in, classes)}
+    embed_s, embed_t = linear(classes, crd_feat), linear(classes, crd_feat)
+    stdv = 1.0 / math.sqrt(crd_feat / 3)
+    memory_s = torch.rand(crd_n_data, crd_feat, generator=gen).mul_(2 * stdv).add_(-stdv)
+    memory_t = torch.rand(crd_n_data, crd_feat, generator=gen).mul_(2 * stdv).add_(-stdv)
+    return {TEACHER: teacher, STUDENT: student, BASELINE: linear(student_in, classes),
+            "crd": {"embed_s": embed_s, "embed_t": embed_t, "memory_s": memory_s, "memory_t": memory_t}}
+
+
+@torch.no_grad()
+def reference_crd_init(objective, cfg: dict, sweep) -> None:
+    """Parity: every CRD term of `objective` starts from its run's reference stream (reference_stream "crd"): the
+    embeddings and memory banks the reference's CRDLoss is built with, instead of draws of their own."""
+    for term in objective.terms.values():
+        if not isinstance(term, CRDistill):
+            continue
+        f, n = term.bank_s.shape[1:]
+        per_run = {}
+        for g in range(sweep.groups):
+            r = sweep.first_run + g % sweep.runs
+            if r not in per_run:
+                per_run[r] = reference_stream(cfg["seed"] + r + 1, sweep.train.x1.shape[1], sweep.train.x2.shape[1],
+                                              term.embed_s.in_features, f, n)["crd"]
+            ref = per_run[r]
+            for layer, (w, b) in ((term.embed_s, ref["embed_s"]), (term.embed_t, ref["embed_t"])):
+                layer.weight[g].copy_(w)
+                layer.bias[g, :, 0].copy_(b)
+            term.bank_s[g].copy_(ref["memory_s"].T)
+            term.bank_t[g].copy_(ref["memory_t"].T)
 
 
 @torch.no_grad()
@@ -96,6 +124,8 @@ def train_student(cfg: dict, sweep, method: str, mask: str, teacher_train: torch
     stream (sampled relational terms, CRD), whatever ran before it."""
     torch.manual_seed(derived_seed(cfg["seed"], method, mask, sweep.first_run))
     n_classes = int(sweep.train.y.max()) + 1
-    objective = sweep_protocol.objective_for(cfg, method, mask, sweep.train.y, n_classes,
-                                             PARITY_EXACT).to(sweep.train.x2.device)
+    objective = sweep_protocol.objective_for(cfg, method, mask, sweep.train.y, n_classes, PARITY_EXACT)
+    if cfg["parity"]:
+        reference_crd_init(objective, cfg, sweep)
+    objective = objective.to(sweep.train.x2.device)
     return train_linear(cfg, sweep, sweep.train.x2, STUDENT, f"{method}/{mask}", objective, teacher_train)

@@ -1,6 +1,7 @@
 """The parity switches of the synthetic sweeps (`parity: true`): each restores one number-changing behaviour of the
 reference code (NTDH gauss/main.py and sklearn/main.py, `train_kd`)."""
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -60,12 +61,18 @@ def test_reference_torch_construction_order():
 
     torch.manual_seed(7)
     teacher, student = torch.nn.Linear(25, 2), torch.nn.Linear(25, 2)
-    torch.nn.Linear(2, 8), torch.nn.Linear(2, 8)
-    torch.rand(200, 8), torch.rand(200, 8)
+    embed_s, embed_t = torch.nn.Linear(2, 8), torch.nn.Linear(2, 8)
+    stdv = 1.0 / math.sqrt(8 / 3)   # ContrastMemory's two banks, U[-stdv, stdv]
+    memory_v1 = torch.rand(200, 8).mul_(2 * stdv).add_(-stdv)
+    memory_v2 = torch.rand(200, 8).mul_(2 * stdv).add_(-stdv)
     baseline = torch.nn.Linear(25, 2)
     got = trainer.reference_stream(7, 25, 25, 2)
     for role, ref in ((trainer.TEACHER, teacher), (trainer.STUDENT, student), (trainer.BASELINE, baseline)):
         assert torch.equal(got[role][0], ref.weight.detach()) and torch.equal(got[role][1], ref.bias.detach())
+    crd = got["crd"]
+    for name, ref in (("embed_s", embed_s), ("embed_t", embed_t)):
+        assert torch.equal(crd[name][0], ref.weight.detach()) and torch.equal(crd[name][1], ref.bias.detach())
+    assert torch.equal(crd["memory_s"], memory_v1) and torch.equal(crd["memory_t"], memory_v2)
     cfg = small_cfg(runs=2, parity=True, **{"train.epochs": 1, "data.overlaps": [0, 10]})
     sw = experiment.build_sweep(cfg)
     model = trainer.BatchedLinear(25, 2, runs=sw.groups)
@@ -73,6 +80,15 @@ def test_reference_torch_construction_order():
     run1 = trainer.reference_stream(cfg["seed"] + 1 + 1, 25, 25, 2)[trainer.BASELINE]
     for g in (1, 3):   # run 1 at both γ
         assert torch.equal(model.weight[g], run1[0]) and torch.equal(model.bias[g, :, 0], run1[1])
+    # CRD's embeddings and memory banks: the run's own reference draws, not draws of their own
+    y = torch.randint(0, 2, (sw.groups, 200), generator=torch.Generator().manual_seed(1))
+    obj = sweep.objective_for(cfg, "crd", "none", y, 2)
+    trainer.reference_crd_init(obj, cfg, sw)
+    term, crd1 = obj.terms["crd"], trainer.reference_stream(cfg["seed"] + 1 + 1, 25, 25, 2)["crd"]
+    for g in (1, 3):
+        assert torch.equal(term.embed_s.weight[g], crd1["embed_s"][0]) and torch.equal(term.embed_t.bias[g, :, 0],
+                                                                                      crd1["embed_t"][1])
+        assert torch.equal(term.memory_s[g], crd1["memory_s"]) and torch.equal(term.memory_t[g], crd1["memory_t"])
 
 
 def test_parity_gives_pkt_and_sp_every_training_sample():
