@@ -53,6 +53,14 @@ def _read(path: Path, need: set[str], what: str) -> pd.DataFrame:
     missing = sorted(need - set(df.columns))
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected {what}")
+    for col in sorted({"overlap_dim", "seed", "run", *ACCURACIES} & set(df.columns)):
+        values = pd.to_numeric(df[col], errors="coerce")
+        if values.isna().any():
+            row = int(values.isna().to_numpy().argmax())
+            got = df[col].iloc[row]
+            got = "an empty cell" if pd.isna(got) else repr(got)
+            raise DataError(f"{path}: column {col}, data row {row + 1}: expected a number, got {got}")
+        df[col] = values
     return df
 
 
@@ -95,6 +103,9 @@ def compare(ref: pd.DataFrame, ours: pd.DataFrame, tolerance: float = 2.5) -> li
         raise DataError(f"reference: (loss, mask, overlap_dim, seed) = ({first['loss']}, {first['mask']}, "
                         f"{first['overlap_dim']}, {first['seed']}) appears twice")
     both = ref.drop(columns=["gamma"], errors="ignore").merge(ours, on=key, suffixes=("_ref", "_ours"))
+    if both.empty:
+        raise DataError("no (loss, mask, overlap_dim, seed) in common between the reference and the run; check that "
+                        "the run covers the reference's methods, overlaps and seeds (--reference-seed)")
     rows = []
     for (loss, mask, ov), g in ref.groupby(["loss", "mask", "overlap_dim"], sort=False):
         m = both[(both["loss"] == loss) & (both["mask"] == mask) & (both["overlap_dim"] == ov)]

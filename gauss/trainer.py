@@ -51,6 +51,26 @@ def reference_stream(seed: int, teacher_in: int, student_in: int, classes: int, 
 
 
 @torch.no_grad()
+def reference_init(model: BatchedLinear, cfg: dict, sweep, role: int, teacher_in: int) -> None:
+    """Parity (NTDH gauss sweeps): each group's initial weights from its run's reference stream (group_streams)."""
+    for g, stream in enumerate(group_streams(cfg, sweep, teacher_in, model.out_features)):
+        w, b = stream[role]
+        model.weight[g].copy_(w)
+        model.bias[g, :, 0].copy_(b)
+
+
+def group_streams(cfg: dict, sweep, teacher_in: int, classes: int, crd_feat: int = 8,
+                  crd_n_data: int = 200) -> list[dict]:
+    """reference_stream of every group's run (seed `seed + r + 1`, the run's test-set seed), drawn once per run: the
+    same for every γ, as the reference."""
+    per_run = {}
+    for r in range(sweep.first_run, sweep.first_run + sweep.runs):
+        per_run[r] = reference_stream(cfg["seed"] + r + 1, teacher_in, sweep.train.x2.shape[1], classes, crd_feat,
+                                      crd_n_data)
+    return [per_run[sweep.first_run + g % sweep.runs] for g in range(sweep.groups)]
+
+
+@torch.no_grad()
 def reference_crd_init(objective, cfg: dict, sweep) -> None:
     """Parity: every CRD term of `objective` starts from its run's reference stream (reference_stream "crd"): the
     embeddings and memory banks the reference's CRDLoss is built with, instead of draws of their own."""
@@ -58,33 +78,14 @@ def reference_crd_init(objective, cfg: dict, sweep) -> None:
         if not isinstance(term, CRDistill):
             continue
         f, n = term.bank_s.shape[1:]
-        per_run = {}
-        for g in range(sweep.groups):
-            r = sweep.first_run + g % sweep.runs
-            if r not in per_run:
-                per_run[r] = reference_stream(cfg["seed"] + r + 1, sweep.train.x1.shape[1], sweep.train.x2.shape[1],
-                                              term.embed_s.in_features, f, n)["crd"]
-            ref = per_run[r]
+        streams = group_streams(cfg, sweep, sweep.train.x1.shape[1], term.embed_s.in_features, f, n)
+        for g, stream in enumerate(streams):
+            ref = stream["crd"]
             for layer, (w, b) in ((term.embed_s, ref["embed_s"]), (term.embed_t, ref["embed_t"])):
                 layer.weight[g].copy_(w)
                 layer.bias[g, :, 0].copy_(b)
             term.bank_s[g].copy_(ref["memory_s"].T)
             term.bank_t[g].copy_(ref["memory_t"].T)
-
-
-@torch.no_grad()
-def reference_init(model: BatchedLinear, cfg: dict, sweep, role: int, teacher_in: int) -> None:
-    """Parity (NTDH gauss sweeps): each group's initial weights from its run's reference stream (reference_stream
-    with seed `seed + r + 1`, the run's test-set seed); the same for every γ, as the reference."""
-    per_run = {}
-    for g in range(sweep.groups):
-        r = sweep.first_run + g % sweep.runs
-        if r not in per_run:
-            per_run[r] = reference_stream(cfg["seed"] + r + 1, teacher_in, sweep.train.x2.shape[1],
-                                          model.out_features)[role]
-        w, b = per_run[r]
-        model.weight[g].copy_(w)
-        model.bias[g, :, 0].copy_(b)
 
 
 def train_linear(cfg: dict, sweep, x: torch.Tensor, role: int, desc: str, objective=None, teacher_out=None):
@@ -113,7 +114,7 @@ def train_baseline(cfg: dict, sweep):
 
 #: under parity, pkt and sp on all 200 training samples, as the reference's full-batch PKT / Similarity: their
 #: 32-row surrogates are not unbiased (SP normalises the rows of a Gram matrix of the rows it sees; measured against
-#: the reference, the 32-row SP was 0.15-0.25 points lower; README, "Checked against the reference code").
+#: the reference, the 32-row SP was 0.12-0.25 points lower at five of six γ; README, "Checked against the reference code").
 #: rkd and crd keep their samplers: exact RKD is O(N³) memory per run, beyond a CPU sweep of hundreds of runs.
 PARITY_EXACT = {"pkt": {"sample_rows": None}, "sp": {"sample_rows": None}}
 

@@ -108,3 +108,21 @@ def test_parity_reproduces_the_reference_codes_own_runs():
     assert len(rows) == 4 * 6
     for r in rows:
         assert r["runs"] == 2 and r["identical_runs"] == 2 and r["diff_mean"] == 0, r
+
+
+def test_a_non_numeric_cell_or_no_run_in_common_is_a_one_line_error(tmp_path):
+    ours = _ours(tmp_path)
+    ref = _as_reference(ours)
+    ref["kd_acc"] = ref["kd_acc"].astype(object)
+    ref.loc[3, "kd_acc"] = "abc"
+    ref.to_csv(tmp_path / "ref.csv", index=False)
+    with pytest.raises(DataError, match=r"ref\.csv: column kd_acc, data row 4: expected a number, got 'abc'"):
+        cr.main([str(tmp_path / "ref.csv"), str(tmp_path)])
+    ref.loc[3, "kd_acc"] = "n/a"   # pandas reads it as missing
+    ref.to_csv(tmp_path / "ref.csv", index=False)
+    with pytest.raises(DataError, match=r"data row 4: expected a number, got an empty cell"):
+        cr.main([str(tmp_path / "ref.csv"), str(tmp_path)])
+    _as_reference(ours).assign(run=lambda d: d["run"] + 50).to_csv(tmp_path / "ref.csv", index=False)
+    with pytest.raises(DataError, match="no \\(loss, mask, overlap_dim, seed\\) in common"):
+        cr.main([str(tmp_path / "ref.csv"), str(tmp_path)])
+    assert not (tmp_path / "reference_comparison.csv").exists()  # nothing written from a failed comparison
