@@ -154,6 +154,13 @@ def _pdist(e, eps=1e-12):
     return d * (1 - torch.eye(e.shape[1], dtype=e.dtype, device=e.device))  # exact zeros on the diagonal
 
 
+def unit_differences(e):
+    """u[g, i, j] = (e_j − e_i)/max(‖e_j − e_i‖, 1e-12) of (G, N, D) samples: (G, N, N, D), as RepDistiller's
+    RKDLoss normalises its pairwise differences (zero on the diagonal)."""
+    diff = e.unsqueeze(1) - e.unsqueeze(2)
+    return diff / _norm_floor((diff * diff).sum(-1, keepdim=True))   # F.normalize's, without its slow D = 2 norm
+
+
 def _norm_floor(sq, eps=1e-12):
     """max(‖x‖, eps) from ‖x‖² — F.normalize's denominator. Clamping before the sqrt keeps the gradient 0 (not
     0·∞ = NaN) for zero vectors, as F.normalize's is."""
@@ -164,7 +171,8 @@ def _norm_floor(sq, eps=1e-12):
 class RKDistill(_Relational):
     """Relational KD (Park et al. 2019): w_d · distance term + w_a · angle term, both smooth-L1.
 
-    Exact mode (pairs/triplets None) uses all N² pairs and N³ triplets — O(N³) memory, fine for minibatches.
+    Exact mode (pairs/triplets None) uses all N² pairs and N³ triplets — O(N³) memory here, fine for minibatches
+    (common.synthetic.fused_relational.FusedRKD computes the same in O(N²) memory for full-batch runs).
     For full-batch training on thousands of samples set ``pairs`` / ``triplets``: each call then draws that many
     uniformly random pairs (i, j) and triplets (i; j, k) per group — degenerate ones included, exactly as the exact
     mode's N² and N³ averages include them — so each term is an unbiased estimate of its exact average; the distance
@@ -179,6 +187,11 @@ class RKDistill(_Relational):
     # exact ----------------------------------------------------------------------------------------------------
     def _exact(self, s, t, w):
         s, t = s.transpose(1, 2), t.transpose(1, 2)  # (G, N, D): small N only, layout does not matter here
+        return self._exact_distance(s, t, w), self._exact_angle(s, t, w)
+
+    @staticmethod
+    def _exact_distance(s, t, w):
+        """The distance term over all N² pairs (G,), from (G, N, D) samples."""
         pw = _pair_weights(w)
         off = pw * (1 - torch.eye(s.shape[1], dtype=s.dtype, device=s.device))
 
@@ -186,16 +199,20 @@ class RKDistill(_Relational):
             d = _pdist(e)
             return d / _wmean(d, off, (1, 2)).view(-1, 1, 1).clamp_min(1e-12)
 
+        with torch.no_grad():
+            dt = dist(t)
+        return _wmean(F.smooth_l1_loss(dist(s), dt, reduction="none"), pw, (1, 2))
+
+    def _exact_angle(self, s, t, w):
+        """The angle term over all N³ triplets (G,), from (G, N, D) samples: one (G, N, N, N) tensor."""
         def angles(e):
-            u = F.normalize(e.unsqueeze(1) - e.unsqueeze(2), p=2, dim=-1)  # u[g,i,j] = unit(e_j − e_i)
+            u = unit_differences(e)
             return u @ u.transpose(2, 3)                                    # [g,i,j,k] = ⟨u_ij, u_ik⟩
 
         with torch.no_grad():
-            dt, at = dist(t), angles(t)
-        loss_d = _wmean(F.smooth_l1_loss(dist(s), dt, reduction="none"), pw, (1, 2))
-        tw = pw.unsqueeze(3) * w.unsqueeze(1).unsqueeze(1)
-        loss_a = _wmean(F.smooth_l1_loss(angles(s), at, reduction="none"), tw, (1, 2, 3))
-        return loss_d, loss_a
+            at = angles(t)
+        tw = _pair_weights(w).unsqueeze(3) * w.unsqueeze(1).unsqueeze(1)
+        return _wmean(F.smooth_l1_loss(angles(s), at, reduction="none"), tw, (1, 2, 3))
 
     # sampled --------------------------------------------------------------------------------------------------
     def _sampled(self, s, t, w, weighted: bool):

@@ -78,6 +78,46 @@ def test_rkd_sampled_gradcheck():
     assert torch.autograd.gradcheck(f, (s,), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("weights", ["none", "constant", "with_grad"])
+@pytest.mark.parametrize("block", [1 << 22, 40])
+def test_rkd_exact_blocked_angle_equals_the_reference(monkeypatch, weights, block):
+    """FusedRKD's exact angle term (blocks of (group, anchor) slices, closed-form gradients) equals RKDistill's
+    (G, N, N, N) autograd, value and gradients w.r.t. the student and ω; block 40 splits every group into anchor
+    blocks of one sample, the default puts several groups in one block. Sample 0 and 3 coincide (degenerate pairs)."""
+    from common.kd.relational import RKDistill
+    from common.synthetic import fused_relational
+
+    monkeypatch.setattr(fused_relational, "ANGLE_BLOCK", block)
+    s, t, w = _inputs_runs(3, 6, 2, 2, seed=72)
+    with torch.no_grad():
+        s[:, :, 3] = s[:, :, 0]
+    w = {"none": None, "constant": w, "with_grad": w.clone().requires_grad_(True)}[weights]
+    fast = fused.build_loss("rkd", runs=3)
+    assert isinstance(fast, fused_relational.FusedRKD) and fast.pairs is None
+    inputs = [s] + ([w] if weights == "with_grad" else [])
+    value = fast(s, t, omega=w)
+    grads = torch.autograd.grad(value, inputs)
+    ref_value = RKDistill(runs=3)(s, t, omega=w)
+    ref_grads = torch.autograd.grad(ref_value, inputs)
+    torch.testing.assert_close(value, ref_value, rtol=1e-12, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_rkd_exact_blocked_angle_gradcheck(monkeypatch):
+    """The blocked angle sum's gradients w.r.t. the unit differences and ω against finite differences."""
+    from common.kd.relational import unit_differences
+    from common.synthetic import fused_relational
+
+    monkeypatch.setattr(fused_relational, "ANGLE_BLOCK", 30)
+    s, t, w = _inputs_runs(2, 5, 3, 3, seed=73)
+    w.requires_grad_(True)
+    v = unit_differences(t.transpose(1, 2))
+    angle_sum = fused_relational._RKDAngleSum.apply
+    assert torch.autograd.gradcheck(lambda x, m: angle_sum(unit_differences(x.transpose(1, 2)), v, m), (s, w),
+                                    eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
 def _dkd_split(zs, zt, y, alpha, beta, T):
     """DKD through the general target / non-target split (the path for C > 2), per row, (G, C, N) inputs."""
     from common import divergence as D

@@ -91,9 +91,10 @@ def test_reference_torch_construction_order():
         assert torch.equal(term.memory_s[g], crd1["memory_s"]) and torch.equal(term.memory_t[g], crd1["memory_t"])
 
 
-def test_parity_gives_pkt_and_sp_every_training_sample():
-    """gauss under parity: pkt and sp on the full batch, as the reference's PKT / Similarity (their 32-row surrogates
-    are biased against it); rkd and crd keep their samplers; without parity the configured surrogates."""
+def test_parity_gives_the_relational_terms_every_training_sample():
+    """gauss under parity: pkt and sp on the full batch and rkd over every pair and triplet, as the reference's PKT /
+    Similarity / RKD (their sampled surrogates are biased against it); crd keeps its sampler; without parity the
+    configured surrogates."""
     from gauss import trainer
 
     cfg = small_cfg(runs=2, parity=True, **{"data.overlaps": [0]})
@@ -102,5 +103,8 @@ def test_parity_gives_pkt_and_sp_every_training_sample():
         on = sweep.objective_for(cfg, method, "none", y, 2, trainer.PARITY_EXACT)
         off = sweep.objective_for({**cfg, "parity": False}, method, "none", y, 2, trainer.PARITY_EXACT)
         assert on.terms[term].sample_rows is None and off.terms[term].sample_rows == 32, method
-    rkd = sweep.objective_for(cfg, "rkd", "none", y, 2, trainer.PARITY_EXACT).terms["rkd"]
-    assert (rkd.pairs, rkd.triplets) == (256, 256)
+    on = sweep.objective_for(cfg, "rkd", "none", y, 2, trainer.PARITY_EXACT).terms["rkd"]
+    off = sweep.objective_for({**cfg, "parity": False}, "rkd", "none", y, 2, trainer.PARITY_EXACT).terms["rkd"]
+    assert (on.pairs, on.triplets) == (None, None) and (off.pairs, off.triplets) == (256, 256)
+    crd = sweep.objective_for(cfg, "crd", "none", y, 2, trainer.PARITY_EXACT).terms["crd"]
+    assert crd.sample_rows == 32
