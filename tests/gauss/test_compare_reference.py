@@ -126,3 +126,26 @@ def test_a_non_numeric_cell_or_no_run_in_common_is_a_one_line_error(tmp_path):
     with pytest.raises(DataError, match="no \\(loss, mask, overlap_dim, seed\\) in common"):
         cr.main([str(tmp_path / "ref.csv"), str(tmp_path)])
     assert not (tmp_path / "reference_comparison.csv").exists()  # nothing written from a failed comparison
+
+
+def test_methods_the_run_did_not_train_are_skipped_and_one_differing_run_is_untestable(tmp_path, capsys):
+    """A reference with more methods than the run: those are listed, not failed. A row whose only run differs has no
+    standard error: untestable, not a failure; the exit status counts failures only. Every tested row carries the
+    paired t-test's p-value."""
+    ours = _ours(tmp_path, runs=4)
+    ref = _as_reference(ours)
+    ref = pd.concat([ref, ref[ref["mode"] == "KD_KL"].assign(mode="rkd")])   # a method the run did not train
+    ref.loc[(ref["mode"] == "KD_KL") & (ref["overlap_dim"] == 10) & (ref["run"] > 0), "run"] += 100
+    ref.loc[(ref["mode"] == "KD_KL") & (ref["overlap_dim"] == 10), "kd_acc"] -= 0.003   # its one run in common differs
+    ref.loc[(ref["mode"] == "KD_KL") & (ref["overlap_dim"] == 0), "kd_acc"] -= [0.001, -0.002, 0.003, -0.001]
+    ref.to_csv(tmp_path / "ref.csv", index=False)
+    assert cr.main([str(tmp_path / "ref.csv"), str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "not in this run, skipped: rkd/none" in text and "untestable (1 run)" in text
+    assert "3 of 3 rows within 2.5 standard errors" in text and "1 untestable" in text
+    out = pd.read_csv(tmp_path / "reference_comparison.csv")
+    assert set(out["loss"]) == {"kl"} and len(out) == 4
+    kl0 = out[(out["mask"] == "none") & (out["overlap_dim"] == 0)].iloc[0]
+    d = np.array([0.1, -0.2, 0.3, -0.1])
+    assert kl0["p"] == pytest.approx(2 * __import__("scipy").stats.t.sf(d.mean() / (d.std(ddof=1) / 2), 3))
+    assert pd.isna(out[(out["mask"] == "none") & (out["overlap_dim"] == 10)].iloc[0]["pass"])
