@@ -48,8 +48,10 @@ class FusedRKD(RKDistill):
         return total / (w.sum(1).pow(3).clamp_min(1e-12))     # Σ_ijk ω_i ω_j ω_k = (Σ_i ω_i)³
 
 
-#: elements of one block of _RKDAngleSum's (groups, anchors, N, N) tensors: 16 MiB of float32
-ANGLE_BLOCK = 1 << 22
+#: elements of one block of _RKDAngleSum's (groups, anchors, N, N) tensors, per device type: on a CPU 1 MiB of
+#: float32, which stays in a core's L2 cache through the block's passes (bench/rkd_exact.py --block); on a GPU
+#: 512 MiB, so that a step is a few dozen kernel launches, not thousands
+ANGLE_BLOCK = {"cpu": 1 << 18, "cuda": 1 << 27}
 
 
 class _PKTStudent(torch.autograd.Function):
@@ -186,8 +188,9 @@ class _RKDAngleSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, v, w):
         g_all, n = u.shape[:2]
-        anchors = max(1, min(n, ANGLE_BLOCK // (n * n)))
-        groups = max(1, min(g_all, ANGLE_BLOCK // (anchors * n * n)))
+        block = ANGLE_BLOCK.get(u.device.type, ANGLE_BLOCK["cuda"])
+        anchors = max(1, min(n, block // (n * n)))
+        groups = max(1, min(g_all, block // (anchors * n * n)))
         total = u.new_zeros(g_all)
         grad_u = torch.zeros_like(u) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(w) if w is not None and ctx.needs_input_grad[2] else None

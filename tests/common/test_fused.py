@@ -87,7 +87,7 @@ def test_rkd_exact_blocked_angle_equals_the_reference(monkeypatch, weights, bloc
     from common.kd.relational import RKDistill
     from common.synthetic import fused_relational
 
-    monkeypatch.setattr(fused_relational, "ANGLE_BLOCK", block)
+    monkeypatch.setitem(fused_relational.ANGLE_BLOCK, "cpu", block)
     s, t, w = _inputs_runs(3, 6, 2, 2, seed=72)
     with torch.no_grad():
         s[:, :, 3] = s[:, :, 0]
@@ -109,7 +109,7 @@ def test_rkd_exact_blocked_angle_gradcheck(monkeypatch):
     from common.kd.relational import unit_differences
     from common.synthetic import fused_relational
 
-    monkeypatch.setattr(fused_relational, "ANGLE_BLOCK", 30)
+    monkeypatch.setitem(fused_relational.ANGLE_BLOCK, "cpu", 30)
     s, t, w = _inputs_runs(2, 5, 3, 3, seed=73)
     w.requires_grad_(True)
     v = unit_differences(t.transpose(1, 2))
