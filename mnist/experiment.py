@@ -239,11 +239,11 @@ def cal_tag(s: Setup, rd) -> dict:
     place_name = teacher.place_name(place)
     tag_path = rd.path / tag_name(place, cfg["teacher"])
     if s.ctx.resume and tag_path.is_file():
-        sal, seconds, samples = read_tag(tag_path, teacher, place, s.log), 0.0, 0
+        sal, seconds = read_tag(tag_path, teacher, place, s.log), tag_seconds(tag_path)
         s.log(f"saliency computed before the resume: {tag_path}")
     else:
         sal, seconds, samples = _saliency(s, teacher, student, place_name)
-        save_tag(tag_path, sal.cpu().numpy().astype(np.float32), teacher)
+        save_tag(tag_path, sal.cpu().numpy().astype(np.float32), teacher, seconds)
         s.log(f"saliency at place {place} ({place_name}, {sal.numel()} channels, op {cc['op']}, distance "
               f"{cc['distance']}) over {samples} samples in {seconds:.1f} s -> {tag_path}")
     sal_np = sal.cpu().numpy().astype(np.float32)
@@ -271,9 +271,16 @@ def _check_inputs(s: Setup, teacher: MLP, student: MLP | None, tpath, spath=None
 # The saliency file
 
 
-def save_tag(path: Path, saliency: np.ndarray, teacher: MLP) -> Path:
-    return atomic_write(path, lambda f: np.savez(f, saliency=saliency, teacher_sha256=np.array(state_hash(teacher))),
-                        mode="wb")
+def save_tag(path: Path, saliency: np.ndarray, teacher: MLP, seconds: float | None = None) -> Path:
+    extra = {} if seconds is None else {"seconds": np.array(seconds)}
+    return atomic_write(path, lambda f: np.savez(f, saliency=saliency, teacher_sha256=np.array(state_hash(teacher)),
+                                                 **extra), mode="wb")
+
+
+def tag_seconds(path: Path) -> float | None:
+    """How long the saliency in a cal_tag .npz took to compute (None when the file does not say)."""
+    with np.load(path, allow_pickle=False) as loaded:
+        return float(loaded["seconds"]) if "seconds" in loaded.files else None
 
 
 def read_tag(path: Path, teacher: MLP, place: int, log: Callable[[str], None] = print) -> torch.Tensor:

@@ -75,8 +75,11 @@ def section(results: dict, cfg: dict, run_dir: Path, rel_to: Path) -> str:
         removed = modes.get(mode, {}).get("removed", [])
         kept = [sal[c] for c in range(len(sal)) if c not in set(removed)]
         mean_removed = sum(sal[c] for c in removed) / max(len(removed), 1)
+        took = "" if cal["saliency_seconds"] is None else f" in {cal['saliency_seconds']:.1f} s"
+        over = "the first {} batches".format(cfg["cal"]["max_batches"]) if cfg["cal"]["max_batches"] else \
+            "the whole train split"
         lines.append(f"**Saliency vector, mode {mode}.** {len(sal)} channels at place {cfg['place']}, min-max "
-                     f"normalised (computed in {cal['saliency_seconds']:.1f} s over the whole train split); mode "
+                     f"normalised (computed{took} over {over}); mode "
                      f"{mode} removes {len(removed)} of them (red), whose mean saliency is {mean_removed:.3f} "
                      f"against {sum(kept) / max(len(kept), 1):.3f} for the {len(kept)} kept.")
         lines.append("")

@@ -58,6 +58,10 @@ def test_interrupted_run_resumes_to_the_same_result(dataset, tmp_path, monkeypat
     assert "mode1/run0: finished before the resume" in log and "baseline/run0: resumed from" in log
     resumed = json.loads((rd / "summary.json").read_text())
     assert _fit_numbers(resumed) == _fit_numbers(whole)
+    # the saliency was computed before the interruption: its time is the one measured then, not 0
+    from mnist.experiment import tag_seconds
+    measured = tag_seconds(rd / "saliency_teacher_place1.npz")
+    assert measured is not None and measured > 0 and resumed["cal_tag"]["saliency_seconds"] == measured
     csv = (rd / "baseline_run0_log.csv").read_text().splitlines()
     assert len(csv) == 4 and csv[0].startswith("epoch,")  # header + the 3 epochs, none twice
 
