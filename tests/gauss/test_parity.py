@@ -3,6 +3,8 @@ reference code (NTDH gauss/main.py and sklearn/main.py, `train_kd`)."""
 import copy
 import math
 
+import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -108,3 +110,23 @@ def test_parity_gives_the_relational_terms_every_training_sample():
     assert (on.pairs, on.triplets) == (None, None) and (off.pairs, off.triplets) == (256, 256)
     crd = sweep.objective_for(cfg, "crd", "none", y, 2, trainer.PARITY_EXACT).terms["crd"]
     assert crd.sample_rows == 32
+
+
+def test_parity_rkd_trains_with_the_exact_loss(monkeypatch):
+    """gauss --parity's rkd: the blocked exact RKD (common.synthetic.fused_relational) trains the same students as
+    the (G, N, N, N) autograd reference of common.kd.relational, and differently from the 256-pair surrogate."""
+    from common.kd.relational import RKDistill
+    from common.synthetic.fused_relational import FusedRKD
+
+    cfg = small_cfg(runs=2, parity=True, **{"train.epochs": 3, "data.overlaps": [0], "kd.losses": ["rkd"]})
+
+    def students(c):
+        results = experiment.run_sweep(c, torch.device("cpu"), log=lambda *_: None)
+        return pd.DataFrame(experiment.run_rows(results, c["seed"]))["kd_acc"].to_numpy()
+
+    blocked = students(cfg)
+    monkeypatch.setattr(FusedRKD, "_exact_angle", RKDistill._exact_angle)
+    np.testing.assert_allclose(students(cfg), blocked, atol=1.5e-3)   # at most one test sample apart
+    monkeypatch.undo()
+    sampled = students({**cfg, "parity": False})
+    assert not np.allclose(sampled, blocked)
