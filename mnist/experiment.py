@@ -176,8 +176,8 @@ def _joint_nets(s: Setup, rd) -> tuple[MLP, MLP, Path, Path, list]:
                                           "noise": s.prepare.generator}, log=s.log)
         for epoch, loss in enumerate(history, 1):
             rd.scalar("joint/loss", loss, epoch)
-        s.log(f"joint training: {cc['epochs']} epochs in {time.perf_counter() - started:.1f} s, loss "
-              f"{history[0]:.4f} -> {history[-1]:.4f}")
+        took = f"{time.perf_counter() - started:.1f} s" + (" since the resume" if s.ctx.resume else "")
+        s.log(f"joint training: {cc['epochs']} epochs ({took}), loss {history[0]:.4f} -> {history[-1]:.4f}")
         teacher_path = save_model(rd, teacher, TEACHER_CKPT["joint"], role="teacher", stu_type=cfg["stu_type"])
         student_path = save_model(rd, student, STUDENT_CKPT, role="student", stu_type=cfg["stu_type"])
         s.log(f"saved {teacher_path} and {student_path}")
